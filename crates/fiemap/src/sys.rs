@@ -1,0 +1,70 @@
+//! Every `unsafe` block of the crate: the FIEMAP and BLKGETSIZE64 ioctls.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use nix::errno::Errno;
+
+/// `struct fiemap` from linux/fiemap.h: the 32-byte header of a FIEMAP
+/// request. The array of [`FiemapExtent`] follows it in the same buffer.
+#[repr(C)]
+pub(crate) struct FiemapHeader {
+    /// Logical offset (inclusive) at which to start mapping (in).
+    pub fm_start: u64,
+    /// Logical length of the mapping the caller cares about (in).
+    pub fm_length: u64,
+    /// FIEMAP_FLAG_* for the request (in/out).
+    pub fm_flags: u32,
+    /// Number of extents that were mapped (out).
+    pub fm_mapped_extents: u32,
+    /// Size of the fm_extents array (in).
+    pub fm_extent_count: u32,
+    pub fm_reserved: u32,
+}
+
+/// `struct fiemap_extent` from linux/fiemap.h.
+#[repr(C)]
+pub(crate) struct FiemapExtent {
+    pub fe_logical: u64,
+    pub fe_physical: u64,
+    pub fe_length: u64,
+    pub fe_reserved64: [u64; 2],
+    pub fe_flags: u32,
+    pub fe_reserved: [u32; 3],
+}
+
+pub(crate) const HEADER_SIZE: usize = size_of::<FiemapHeader>();
+pub(crate) const EXTENT_SIZE: usize = size_of::<FiemapExtent>();
+const _: () = assert!(HEADER_SIZE == 32);
+const _: () = assert!(EXTENT_SIZE == 56);
+
+/// `_IOWR('f', 11, struct fiemap)`: the size field is the header's alone.
+pub(crate) const FS_IOC_FIEMAP: libc::c_ulong =
+    nix::request_code_readwrite!(b'f', 11, HEADER_SIZE) as libc::c_ulong;
+const _: () = assert!(FS_IOC_FIEMAP == 0xC020_660B);
+
+/// `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong =
+    nix::request_code_read!(0x12, 114, size_of::<u64>()) as libc::c_ulong;
+const _: () = assert!(BLKGETSIZE64 == 0x8008_1272);
+
+/// Runs FS_IOC_FIEMAP on `buf`, which holds a header followed by room for
+/// `fm_extent_count` extents.
+pub(crate) fn fiemap(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), Errno> {
+    let count = u32::from_ne_bytes(buf[24..28].try_into().unwrap()) as usize;
+    assert!(buf.len() >= HEADER_SIZE + count * EXTENT_SIZE);
+    // SAFETY: `buf` is a live, exclusively borrowed buffer of at least the
+    // header plus `fm_extent_count` extents (asserted above), which is all
+    // the kernel reads or writes; the kernel copies to and from user memory
+    // byte-wise, so no alignment is required; `fd` is open for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) };
+    Errno::result(r).map(drop)
+}
+
+/// The size in bytes of the block device open on `fd`.
+pub(crate) fn block_device_size(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // to a live local of that type; `fd` is open for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    Errno::result(r).map(|_| size)
+}
