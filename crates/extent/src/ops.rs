@@ -415,7 +415,7 @@ mod tests {
             } else {
                 crate::check_map(&clipped, expect).unwrap();
             }
-            for b in probes(&[&map, &clipped], &[range.clone()]) {
+            for b in probes(&[&map, &clipped], std::slice::from_ref(&range)) {
                 let want = if range.contains(&b) { kind_at(&map, b) } else { None };
                 prop_assert_eq!(kind_at(&clipped, b), want);
             }
