@@ -1,0 +1,220 @@
+//! Sizes for people and from people, and the `map` table.
+
+use std::io::{self, Write};
+
+use sparsekit_extent::{Extent, Kind};
+
+/// `n` bytes in binary units with three significant digits, as qemu-img
+/// prints sizes: `512 B`, `64 KiB`, `1.5 GiB`, `1 TiB`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        return format!("{n} B");
+    }
+    let s = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    format!("{s} {}", UNITS[u])
+}
+
+/// Parses `123`, `4k`, `16M`, `2G`, `1T`, `1P`, `1E` (binary units, upper
+/// or lower case, optional `B`/`iB`), as qemu-img takes sizes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| {
+            t.strip_suffix('B')
+                .filter(|r| r.ends_with(|c: char| c.is_alphabetic()))
+        })
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some(c @ ('k' | 'K' | 'm' | 'M' | 'g' | 'G' | 't' | 'T' | 'p' | 'P' | 'e' | 'E')) => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => 60,
+            };
+            (&t[..t.len() - 1], shift)
+        }
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            format!("{s:?} is not a size (a number with an optional k, M, G, T, P or E suffix)")
+        })
+}
+
+/// Writes the `map` table: a header, one line per extent, nothing else.
+/// Totals are gathered in [`Totals`] and printed by [`Totals::write_summary`].
+#[derive(Debug)]
+pub struct Table<W: Write> {
+    out: W,
+    /// Totals of what has been written.
+    pub totals: Totals,
+    host_column: bool,
+}
+
+/// Counts of a map, for the summary line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Number of extents.
+    pub extents: u64,
+    /// Bytes of data.
+    pub data: u64,
+    /// Bytes that read as zeros but may be allocated.
+    pub zero: u64,
+    /// Bytes unallocated.
+    pub hole: u64,
+}
+
+impl<W: Write> Table<W> {
+    /// A table writing to `out`; `host_column` adds the host offset column
+    /// (qcow2).
+    pub fn new(mut out: W, host_column: bool) -> io::Result<Self> {
+        write!(
+            out,
+            "{:>16}  {:>16} {:>10}  {:<4}",
+            "offset", "length", "", "kind"
+        )?;
+        if host_column {
+            write!(out, "  {:>16}", "host offset")?;
+        }
+        writeln!(out)?;
+        Ok(Self {
+            out,
+            totals: Totals::default(),
+            host_column,
+        })
+    }
+
+    /// One line: offset, length in bytes and in units, kind, and the host
+    /// offset where there is one.
+    pub fn row(&mut self, e: &Extent, host: Option<u64>) -> io::Result<()> {
+        self.totals.add(e);
+        write!(
+            self.out,
+            "{:>16}  {:>16} {:>10}  {:<4}",
+            e.offset,
+            e.length,
+            format_size(e.length),
+            e.kind
+        )?;
+        if self.host_column {
+            match host {
+                Some(h) => write!(self.out, "  {h:>#16x}")?,
+                None => write!(self.out, "  {:>16}", "-")?,
+            }
+        }
+        writeln!(self.out)
+    }
+
+    /// The writer, for the summary.
+    pub fn into_inner(self) -> (W, Totals) {
+        (self.out, self.totals)
+    }
+}
+
+impl Totals {
+    /// Counts one extent.
+    pub fn add(&mut self, e: &Extent) {
+        self.extents += 1;
+        match e.kind {
+            Kind::Data => self.data += e.length,
+            Kind::Zero => self.zero += e.length,
+            Kind::Hole => self.hole += e.length,
+        }
+    }
+
+    /// `N extents: data X (P% of SIZE), zero Y, hole Z`.
+    pub fn summary(&self) -> String {
+        let total = self.data + self.zero + self.hole;
+        let pct = if total == 0 {
+            0.0
+        } else {
+            self.data as f64 * 100.0 / total as f64
+        };
+        format!(
+            "{} extent{}: data {} ({} bytes, {:.1}% of {}), zero {}, hole {}",
+            self.extents,
+            if self.extents == 1 { "" } else { "s" },
+            format_size(self.data),
+            self.data,
+            pct,
+            format_size(total),
+            format_size(self.zero),
+            format_size(self.hole),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1 KiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(65536), "64 KiB");
+        assert_eq!(format_size(10_000_007), "9.54 MiB");
+        assert_eq!(format_size(1 << 40), "1 TiB");
+        assert_eq!(format_size(u64::MAX), "16 EiB");
+    }
+
+    #[test]
+    fn sizes_from_people() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("17E").is_err(), "overflow");
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn table_and_summary() {
+        let mut t = Table::new(Vec::new(), false).unwrap();
+        t.row(&Extent::new(0, 65536, Kind::Data), None).unwrap();
+        t.row(&Extent::new(65536, 196608, Kind::Hole), None)
+            .unwrap();
+        let (out, totals) = t.into_inner();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1].ends_with("65536     64 KiB  data"),
+            "{:?}",
+            lines[1]
+        );
+        assert_eq!(
+            totals.summary(),
+            "2 extents: data 64 KiB (65536 bytes, 25.0% of 256 KiB), zero 0 B, hole 192 KiB"
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! Opening what a command line names: a path (regular file or block
+//! device, raw or qcow2) or, later, an NBD URI.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use sparsekit_fiemap::Mapper;
+
+/// The magic at offset 0 of every qcow2 image: `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// An image format, as `--format` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The bytes of the file or device are the disk.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+/// Reads the first bytes of `path` and says which format it is: qcow2 when
+/// it starts with [`QCOW2_MAGIC`], raw otherwise (as qemu-img probes).
+pub fn probe_format(path: &Path) -> anyhow::Result<Format> {
+    let mut f = File::open(path).with_context(|| format!("{}: opening", path.display()))?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match f.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("{}: reading the magic at offset 0x0", path.display())
+                });
+            }
+        }
+    }
+    Ok(if got == 4 && magic == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// A source opened for mapping.
+#[derive(Debug)]
+pub enum Source {
+    /// A raw file or block device.
+    Raw(Mapper),
+}
+
+/// Opens the local file or device `path` as `format`, or as the format its
+/// magic says. Special files are refused before anything reads them (a
+/// FIFO would block).
+pub fn open_local(path: &Path, format: Option<Format>) -> anyhow::Result<Source> {
+    // Refuse directories, FIFOs and the like with the fiemap crate's
+    // message before probing reads them.
+    let mapper = Mapper::open(path)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    match format {
+        Format::Raw => Ok(Source::Raw(mapper)),
+        Format::Qcow2 => bail!(
+            "{}: qcow2 images are not readable by this build yet; \
+             `--format raw` maps the file itself",
+            path.display()
+        ),
+    }
+}
+
+/// A path as given on the command line.
+pub fn local_path(spec: &str) -> PathBuf {
+    PathBuf::from(spec)
+}

@@ -1,0 +1,364 @@
+//! Test support shared by the integration tests and xtask.
+//!
+//! - [`fixture`] returns the path of a fixture from `fixtures/manifest.toml`,
+//!   generating it first if it is missing or its recipe changed (safe to call
+//!   from parallel tests and processes).
+//! - [`require`] finds an external tool or panics naming the Debian package
+//!   that provides it: a test whose tool is missing fails, it never skips.
+//! - [`qemu_img_map`] runs the oracle, `qemu-img map --output=json`, after
+//!   dropping the file's cached pages, and [`canonical_map`] merges the
+//!   neighbours of a qemu-img map that agree on every field, so that two maps
+//!   can be compared as JSON values.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// External tools and the Debian packages that provide them.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("qemu-nbd", "qemu-utils"),
+    ("nbdkit", "nbdkit"),
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+    ("filefrag", "e2fsprogs"),
+    ("fallocate", "util-linux"),
+    ("truncate", "coreutils"),
+    ("losetup", "mount"),
+];
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/testkit is two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// Where generated fixtures live (gitignored).
+pub fn generated_dir() -> PathBuf {
+    workspace_root().join("fixtures/generated")
+}
+
+/// The path of `tool`, or a panic naming the Debian package to install.
+pub fn require(tool: &str) -> PathBuf {
+    match which(tool) {
+        Some(p) => p,
+        None => {
+            let pkg = TOOLS
+                .iter()
+                .find(|(t, _)| *t == tool)
+                .map_or("?", |(_, p)| p);
+            panic!(
+                "{tool} is not installed: install the Debian package {pkg} \
+                 (`cargo xtask test` installs it)"
+            )
+        }
+    }
+}
+
+/// The path of `tool` on PATH (or in /sbin, /usr/sbin), if any.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// One entry of fixtures/manifest.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fixture {
+    /// File name under fixtures/generated.
+    pub name: String,
+    /// What it is for.
+    pub about: String,
+    /// Shell commands run in order with `{out}` replaced by the file being
+    /// built and `{dir}` by the fixtures folder; a step starting with `@` is
+    /// built in (see [`run_builtin`]).
+    pub steps: Vec<String>,
+    /// Other fixtures that must exist first (backing files).
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Extra files the steps write beside the fixture (external data files).
+    #[serde(default)]
+    pub also: Vec<String>,
+    /// Made only for benchmarks (large).
+    #[serde(default)]
+    pub bench: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    fixture: Vec<Fixture>,
+}
+
+/// The fixtures of fixtures/manifest.toml, by name.
+pub fn manifest() -> BTreeMap<String, Fixture> {
+    let path = workspace_root().join("fixtures/manifest.toml");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let m: Manifest = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = BTreeMap::new();
+    for f in m.fixture {
+        assert!(
+            !f.name.contains('/') && !f.name.starts_with('.'),
+            "fixture name {:?} must be a plain file name",
+            f.name
+        );
+        let name = f.name.clone();
+        assert!(
+            out.insert(name.clone(), f).is_none(),
+            "fixture {name} twice in manifest"
+        );
+    }
+    out
+}
+
+static LOCAL: Mutex<()> = Mutex::new(());
+
+/// The path of fixture `name`, generated first if needed.
+pub fn fixture(name: &str) -> PathBuf {
+    let m = manifest();
+    let dir = generated_dir();
+    fs::create_dir_all(&dir).unwrap();
+    let _local = LOCAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = File::create(dir.join(".lock")).unwrap();
+    let _flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    ensure(&m, name, &dir, &mut Vec::new())
+}
+
+/// Generates every fixture (with `bench`, the benchmark ones too); returns
+/// the names generated anew.
+pub fn generate_all(bench: bool) -> Vec<String> {
+    let m = manifest();
+    let mut fresh = Vec::new();
+    for f in m.values().filter(|f| bench || !f.bench) {
+        if !is_current(f, &generated_dir()) {
+            fresh.push(f.name.clone());
+        }
+        fixture(&f.name);
+    }
+    fresh
+}
+
+fn recipe_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.recipe"))
+}
+
+fn recipe(f: &Fixture) -> String {
+    f.steps.join("\n")
+}
+
+fn is_current(f: &Fixture, dir: &Path) -> bool {
+    dir.join(&f.name).exists()
+        && fs::read_to_string(recipe_path(dir, &f.name)).is_ok_and(|r| r == recipe(f))
+}
+
+fn ensure(
+    m: &BTreeMap<String, Fixture>,
+    name: &str,
+    dir: &Path,
+    stack: &mut Vec<String>,
+) -> PathBuf {
+    let f = m
+        .get(name)
+        .unwrap_or_else(|| panic!("no fixture {name} in fixtures/manifest.toml"));
+    assert!(
+        !stack.contains(&f.name),
+        "fixtures depend on each other in a loop: {stack:?}"
+    );
+    stack.push(f.name.clone());
+    for n in &f.needs {
+        ensure(m, n, dir, stack);
+    }
+    stack.pop();
+    let out = dir.join(&f.name);
+    if is_current(f, dir) {
+        return out;
+    }
+    let tmp = dir.join(format!(".{}.tmp", f.name));
+    let _ = fs::remove_file(&tmp);
+    let _ = fs::remove_file(recipe_path(dir, &f.name));
+    for step in &f.steps {
+        let step = step
+            .replace("{out}", tmp.to_str().unwrap())
+            .replace("{dir}", dir.to_str().unwrap());
+        if let Some(builtin) = step.strip_prefix('@') {
+            run_builtin(builtin, &tmp).unwrap_or_else(|e| panic!("fixture {name}: {step}: {e}"));
+            continue;
+        }
+        let first = step.split_whitespace().next().unwrap_or_default();
+        require(first);
+        let o = Command::new("sh").arg("-c").arg(&step).output().unwrap();
+        assert!(
+            o.status.success(),
+            "fixture {name}: `{step}` failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    fs::rename(&tmp, &out).unwrap();
+    fs::write(recipe_path(dir, &f.name), recipe(f)).unwrap();
+    out
+}
+
+/// Built-in fixture steps, for layouts that would take thousands of tool
+/// runs:
+///
+/// - `@stripes {out} OFFSET COUNT STRIDE LEN`: writes `COUNT` runs of `LEN`
+///   non-zero bytes, one every `STRIDE` bytes from `OFFSET` (the file must
+///   exist; it grows if needed). Each run is its own extent when the gaps
+///   are at least one file-system block.
+pub fn run_builtin(step: &str, tmp: &Path) -> Result<(), String> {
+    let words: Vec<&str> = step.split_whitespace().collect();
+    match words.as_slice() {
+        ["stripes", path, offset, count, stride, len] => {
+            let n = |s: &str| parse_size(s).ok_or_else(|| format!("bad number {s:?}"));
+            let (offset, count, stride, len) = (n(offset)?, n(count)?, n(stride)?, n(len)?);
+            assert_eq!(Path::new(path), tmp);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| e.to_string())?;
+            let buf: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            for i in 0..count {
+                f.write_all_at(&buf, offset + i * stride)
+                    .map_err(|e| e.to_string())?;
+            }
+            f.sync_all().map_err(|e| e.to_string())
+        }
+        _ => Err("unknown built-in step".into()),
+    }
+}
+
+/// `123`, `4k`, `16M`, `2G`, `1T` (binary units, as qemu-img takes them).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 10),
+        (i, 'M') => (&s[..i], 20),
+        (i, 'G') => (&s[..i], 30),
+        (i, 'T') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// Flushes and drops the file's cached pages, so that tools mapping with
+/// SEEK_DATA (qemu-img) see unwritten extents as holes, as on disk.
+pub fn drop_cache(path: &Path) {
+    let f = File::open(path).unwrap();
+    nix::unistd::fdatasync(&f).unwrap();
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+/// Runs `tool args...` and returns its standard output; panics with its
+/// standard error if it fails.
+pub fn run(tool: &str, args: &[&str]) -> String {
+    let exe = require(tool);
+    let o = Command::new(exe).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// `qemu-img map --output=json -f FORMAT [extra...] PATH`, after dropping the
+/// file's cached pages.
+pub fn qemu_img_map(path: &Path, format: &str, extra: &[&str]) -> Value {
+    drop_cache(path);
+    let mut args = vec!["map", "--output=json", "-f", format];
+    args.extend_from_slice(extra);
+    args.push(path.to_str().unwrap());
+    serde_json::from_str(&run("qemu-img", &args)).unwrap()
+}
+
+/// A qemu-img map (JSON array) with neighbours merged where they agree on
+/// every field: same depth, present, zero, data and compressed, and host
+/// offsets that continue (or both absent).
+pub fn canonical_map(v: &Value) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for e in v.as_array().expect("a JSON array") {
+        if let Some(last) = out.last_mut()
+            && mergeable(last, e)
+        {
+            let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+            last["length"] = len.into();
+            continue;
+        }
+        out.push(e.clone());
+    }
+    out
+}
+
+fn mergeable(a: &Value, b: &Value) -> bool {
+    let (Some(a_start), Some(a_len)) = (a["start"].as_u64(), a["length"].as_u64()) else {
+        return false;
+    };
+    if a_start + a_len != b["start"].as_u64().unwrap_or(u64::MAX) || a_len == 0 {
+        return false;
+    }
+    let same = |k: &str| a.get(k) == b.get(k);
+    if !["depth", "present", "zero", "data", "compressed"]
+        .iter()
+        .all(|k| same(k))
+    {
+        return false;
+    }
+    match (a.get("offset"), b.get("offset")) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.as_u64().map(|x| x + a_len) == y.as_u64(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_map_merges_only_agreeing_neighbours() {
+        let v: Value = serde_json::from_str(
+            r#"[{"start":0,"length":10,"depth":0,"present":true,"zero":true,"data":false,"compressed":false,"offset":0},
+                {"start":10,"length":5,"depth":0,"present":true,"zero":true,"data":false,"compressed":false,"offset":10},
+                {"start":15,"length":5,"depth":0,"present":true,"zero":true,"data":false,"compressed":false,"offset":99},
+                {"start":20,"length":5,"depth":0,"present":true,"zero":false,"data":true,"compressed":false,"offset":104}]"#,
+        )
+        .unwrap();
+        let c = canonical_map(&v);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0]["length"], 15);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn manifest_parses() {
+        assert!(!manifest().is_empty());
+    }
+}
