@@ -18,5 +18,6 @@
 
 pub mod exit;
 pub mod human;
+pub mod prefetch;
 pub mod qemu;
 pub mod source;

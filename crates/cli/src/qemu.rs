@@ -47,21 +47,36 @@ impl MapEntry {
     /// The entry in qemu-img's layout:
     /// `{ "start": 0, "length": 4096, "depth": 0, "present": true, ... }`.
     pub fn write_json(&self, w: &mut impl Write) -> io::Result<()> {
-        write!(
-            w,
-            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-            self.start,
-            self.length,
-            self.depth,
-            self.present,
-            self.zero,
-            self.data,
-            self.compressed
-        )?;
+        // Hand-assembled: `write!` costs a third of `map --json`'s time on a
+        // file with 200,000 extents.
+        let mut b = [0u8; 192];
+        let mut n = 0;
+        let mut put = |s: &[u8]| {
+            b[n..n + s.len()].copy_from_slice(s);
+            n += s.len();
+        };
+        let mut num = itoa::Buffer::new();
+        let flag = |v: bool| if v { &b"true"[..] } else { &b"false"[..] };
+        put(b"{ \"start\": ");
+        put(num.format(self.start).as_bytes());
+        put(b", \"length\": ");
+        put(num.format(self.length).as_bytes());
+        put(b", \"depth\": ");
+        put(num.format(self.depth).as_bytes());
+        put(b", \"present\": ");
+        put(flag(self.present));
+        put(b", \"zero\": ");
+        put(flag(self.zero));
+        put(b", \"data\": ");
+        put(flag(self.data));
+        put(b", \"compressed\": ");
+        put(flag(self.compressed));
         if let Some(o) = self.offset {
-            write!(w, ", \"offset\": {o}")?;
+            put(b", \"offset\": ");
+            put(num.format(o).as_bytes());
         }
-        w.write_all(b"}")
+        put(b"}");
+        w.write_all(&b[..n])
     }
 
     /// What qemu-img prints for an empty range at `start`: one entry of

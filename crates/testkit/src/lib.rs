@@ -32,6 +32,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("fallocate", "util-linux"),
     ("truncate", "coreutils"),
     ("losetup", "mount"),
+    ("setpriv", "util-linux"),
 ];
 
 /// The workspace root.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{Table, format_size, parse_size};
+use sparsekit_cli::prefetch::prefetch;
 use sparsekit_cli::qemu::{self, JsonMapError};
 use sparsekit_cli::source::{self, Format, Source};
 
@@ -46,8 +47,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.json {
         let vsize = qemu::raw_virtual_size(mapper.size());
         let range = qemu::clamp_range(args.start, args.length, vsize);
-        let entries = qemu::raw_entries(mapper.extents(range.clone()), mapper.size(), range);
-        match qemu::write_json_map(&mut out, entries, args.start) {
+        let written = prefetch(mapper.extents(range.clone()), |extents| {
+            let entries = qemu::raw_entries(extents, mapper.size(), range);
+            qemu::write_json_map(&mut out, entries, args.start)
+        });
+        match written {
             Ok(_) => {}
             Err(JsonMapError::Io(e)) => return Err(e).context("writing to standard output"),
             Err(JsonMapError::Source(e)) => {
@@ -73,18 +77,21 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         mapper.method()
     )?;
     let mut table = Table::new(out, false)?;
-    for e in mapper.extents(range.clone()) {
-        match e {
-            Ok(e) => table.row(&e, None)?,
-            Err(err) => {
-                let (mut out, totals) = table.into_inner();
-                out.flush().ok();
-                let at = range.start + totals.data + totals.zero + totals.hole;
-                return Err(err).context(stopped(at));
+    let failed = prefetch(mapper.extents(range.clone()), |extents| {
+        for e in extents {
+            match e {
+                Ok(e) => table.row(&e, None)?,
+                Err(err) => return Ok::<_, io::Error>(Some(err)),
             }
         }
-    }
+        Ok(None)
+    })?;
     let (mut out, totals) = table.into_inner();
+    if let Some(err) = failed {
+        out.flush().ok();
+        let at = range.start + totals.data + totals.zero + totals.hole;
+        return Err(err).context(stopped(at));
+    }
     writeln!(out, "{}", totals.summary())?;
     out.flush().context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)

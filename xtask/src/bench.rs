@@ -1,0 +1,293 @@
+//! `cargo xtask bench`: sparsekit and its peers timed side by side in one
+//! run, written to BENCHMARKS.md as ratios.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use sparsekit_testkit as testkit;
+
+use crate::{display, output, release_build, root};
+
+/// One timed run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    secs: f64,
+    max_rss_kib: u64,
+}
+
+/// Runs `argv` with standard output to /dev/null; wall time and peak RSS
+/// (from wait4's rusage, so only this child is counted).
+fn measure(argv: &[OsString]) -> anyhow::Result<Sample> {
+    let t = Instant::now();
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {argv:?}"))?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `child` is our unwaited child, so its pid is valid; status
+    // and ru point to live locals of the types wait4 writes.
+    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    let secs = t.elapsed().as_secs_f64();
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("wait4");
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{argv:?} failed (wait status {status:#x})");
+    }
+    Ok(Sample {
+        secs,
+        max_rss_kib: ru.ru_maxrss as u64,
+    })
+}
+
+/// One entry of a qemu-img map as a tuple: start, length, depth, present,
+/// zero, data, compressed, offset.
+type Entry = (u64, u64, u64, bool, bool, bool, bool, Option<u64>);
+
+/// Runs two commands that print qemu-img map JSON (one entry per line) and
+/// compares their canonical forms while streaming, so that xtask stays
+/// small: a child's peak RSS counts its parent's at spawn time. Returns
+/// whether they agree and how many data entries the first printed.
+fn same_map(a: &mut Command, b: &mut Command) -> anyhow::Result<(bool, usize)> {
+    use std::io::{BufRead, BufReader};
+    let mut ca = a.stdout(Stdio::piped()).spawn()?;
+    let mut cb = b.stdout(Stdio::piped()).spawn()?;
+    let entries = |r: std::process::ChildStdout| {
+        BufReader::new(r).lines().map(|l| -> anyhow::Result<Entry> {
+            let l = l?;
+            let v: serde_json::Value =
+                serde_json::from_str(l.trim_start_matches('[').trim_end_matches([',', ']']))?;
+            let n = |k: &str| v[k].as_u64().context("a number");
+            let f = |k: &str| v[k].as_bool().context("a boolean");
+            Ok((
+                n("start")?,
+                n("length")?,
+                n("depth")?,
+                f("present")?,
+                f("zero")?,
+                f("data")?,
+                f("compressed")?,
+                v["offset"].as_u64(),
+            ))
+        })
+    };
+    let mut data = 0;
+    let (mut ia, mut ib) = (
+        merged(entries(ca.stdout.take().unwrap())),
+        merged(entries(cb.stdout.take().unwrap())),
+    );
+    let same = loop {
+        match (ia.next().transpose()?, ib.next().transpose()?) {
+            (None, None) => break true,
+            (Some(x), Some(y)) if x == y => data += usize::from(x.5),
+            _ => break false,
+        }
+    };
+    let (sa, sb) = (ca.wait()?, cb.wait()?);
+    anyhow::ensure!(
+        !same || (sa.success() && sb.success()),
+        "a map command failed"
+    );
+    Ok((same, data))
+}
+
+/// Merges neighbours that agree on every field and whose offsets continue.
+fn merged(
+    mut it: impl Iterator<Item = anyhow::Result<Entry>>,
+) -> impl Iterator<Item = anyhow::Result<Entry>> {
+    let mut pending: Option<Entry> = None;
+    std::iter::from_fn(move || {
+        loop {
+            match it.next() {
+                None => return pending.take().map(Ok),
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok(x)) => match &mut pending {
+                    Some(p)
+                        if p.0 + p.1 == x.0
+                            && (p.2, p.3, p.4, p.5, p.6) == (x.2, x.3, x.4, x.5, x.6)
+                            && p.7.map(|o| o + p.1) == x.7 =>
+                    {
+                        p.1 += x.1
+                    }
+                    Some(p) => return Some(Ok(std::mem::replace(p, x))),
+                    None => pending = Some(x),
+                },
+            }
+        }
+    })
+}
+
+/// A command of a workload.
+struct Contender {
+    label: String,
+    argv: Vec<OsString>,
+}
+
+struct Stats {
+    label: String,
+    cmdline: String,
+    median: f64,
+    min: f64,
+    max_rss_kib: u64,
+}
+
+fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
+    Contender {
+        label: label.into(),
+        argv: argv.iter().map(|a| a.as_ref().to_owned()).collect(),
+    }
+}
+
+/// Runs every contender `runs` times, interleaved (a, b, c, a, b, c, ...)
+/// after one warm-up each, so that drift in the machine hits all alike.
+fn race(contenders: &[Contender], runs: usize) -> anyhow::Result<Vec<Stats>> {
+    let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
+    for c in contenders {
+        measure(&c.argv)?;
+    }
+    for _ in 0..runs {
+        for (c, s) in contenders.iter().zip(&mut samples) {
+            s.push(measure(&c.argv)?);
+        }
+    }
+    Ok(contenders
+        .iter()
+        .zip(samples)
+        .map(|(c, mut s)| {
+            s.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+            Stats {
+                label: c.label.clone(),
+                cmdline: c
+                    .argv
+                    .iter()
+                    .map(|a| display(Path::new(a)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                median: s[s.len() / 2].secs,
+                min: s[0].secs,
+                max_rss_kib: s.iter().map(|x| x.max_rss_kib).max().unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
+fn table(md: &mut String, stats: &[Stats]) {
+    let base = stats[0].median;
+    md.push_str(
+        "| command | median | min | peak RSS | time ÷ sparsekit's |\n|---|---:|---:|---:|---:|\n",
+    );
+    for s in stats {
+        let _ = writeln!(
+            md,
+            "| {} (`{}`) | {:.3} s | {:.3} s | {:.1} MiB | {:.2}× |",
+            s.label,
+            s.cmdline,
+            s.median,
+            s.min,
+            s.max_rss_kib as f64 / 1024.0,
+            s.median / base
+        );
+    }
+}
+
+fn tool_version(cmd: &str, arg: &str) -> String {
+    output(Command::new(cmd).arg(arg))
+        .map(|s| s.lines().next().unwrap_or("").trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub fn run(runs: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    let bin = release_build()?;
+    crate::fixtures(true)?;
+    let map = bin.join("map");
+    let mut md = String::new();
+    let fs = output(
+        Command::new("findmnt")
+            .args(["-no", "FSTYPE", "-T"])
+            .arg(testkit::generated_dir()),
+    )
+    .unwrap_or_default();
+    let _ = write!(
+        md,
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (reproduce with that command; `--runs N` sets the runs \
+         per command, default 5). Every command runs once to warm up, then all of a workload's \
+         commands take turns, `--runs` times; the median wall time is reported, with standard \
+         output sent to /dev/null and peak RSS from wait4. The last column is each command's \
+         median divided by sparsekit's: above 1 means sparsekit is faster.\n\n\
+         Machine: {} cores, Linux {}, fixtures on {}; {}, {}.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        tool_version("uname", "-r"),
+        fs.trim(),
+        tool_version("qemu-img", "--version"),
+        tool_version("filefrag", "-V"),
+    );
+
+    // map: a file with 200,000 extents.
+    let f = testkit::fixture("bench-200k-extents.raw");
+    testkit::drop_cache(&f);
+    let (same, data_extents) = same_map(
+        Command::new(&map).arg("--json").arg(&f),
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&f),
+    )?;
+    anyhow::ensure!(
+        same,
+        "map --json and qemu-img map disagree on {}: not benchmarking a wrong answer",
+        f.display()
+    );
+    let size = std::fs::metadata(&f)?.len();
+    let stats = race(
+        &[
+            contender("sparsekit map --json", &[&map, &"--json", &f]),
+            contender("sparsekit map (table)", &[&map, &f]),
+            contender(
+                "qemu-img map",
+                &[&"qemu-img", &"map", &"--output=json", &"-f", &"raw", &f],
+            ),
+            contender("filefrag -e", &[&"filefrag", &"-e", &f]),
+            contender("baseline: true", &[&"true"]),
+        ],
+        runs,
+    )?;
+    let _ = writeln!(
+        md,
+        "## map: a raw file with {data_extents} data extents\n\n\
+         `{}`: {size} bytes, 4 KiB of data every 16 KiB; page cache warm, the file flushed. \
+         sparsekit's answer is checked equal to qemu-img's before timing.\n",
+        display(&f)
+    );
+    table(&mut md, &stats);
+    let q = stats
+        .iter()
+        .find(|s| s.label == "qemu-img map")
+        .unwrap()
+        .median
+        / stats[0].median;
+    let ff = stats
+        .iter()
+        .find(|s| s.label == "filefrag -e")
+        .unwrap()
+        .median
+        / stats[0].median;
+    let _ = writeln!(
+        md,
+        "\nsparsekit `map --json` is {q:.1}× faster than `qemu-img map --output=json` \
+         and {ff:.1}× faster than `filefrag -e`.\n"
+    );
+
+    let path = root().join("BENCHMARKS.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    print!("{md}");
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `fixtures [--bench]`: generate fixtures/generated from fixtures/manifest.toml.
+//! - `test`: install the external tools a fresh machine lacks, generate the
+//!   fixtures, run every test of the workspace.
+//! - `demo`: release build, fixtures, then the tools at work on them.
+//! - `bench`: side-by-side timings against the peers, written to BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use sparsekit_testkit as testkit;
+
+mod bench;
+mod demo;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+enum Task {
+    /// Generate the fixtures (idempotent).
+    Fixtures {
+        /// Also the large benchmark fixtures.
+        #[arg(long)]
+        bench: bool,
+    },
+    /// Install missing tools (as root, with apt-get), generate fixtures, run every test.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Build in release mode and show the tools at work on generated images.
+    Demo,
+    /// Time sparsekit and its peers side by side; write BENCHMARKS.md.
+    Bench {
+        /// Runs per command (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let task = Task::parse();
+    let r = match task {
+        Task::Fixtures { bench } => ensure_tools().and_then(|()| fixtures(bench)),
+        Task::Test { cargo_args } => test(&cargo_args),
+        Task::Demo => ensure_tools().and_then(|()| demo::run()),
+        Task::Bench { runs } => ensure_tools().and_then(|()| bench::run(runs)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    testkit::workspace_root()
+}
+
+/// Installs the Debian packages of the tools the tests and benchmarks use,
+/// where a tool is missing: as root with apt-get, otherwise an error
+/// naming the packages.
+fn ensure_tools() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = testkit::TOOLS
+        .iter()
+        .filter(|(tool, _)| testkit::which(tool).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 || testkit::which("apt-get").is_none() {
+        bail!(
+            "missing tools: install the Debian packages {} (as root: apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    sh(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let still: Vec<&str> = testkit::TOOLS
+        .iter()
+        .filter(|(tool, _)| testkit::which(tool).is_none())
+        .map(|(tool, _)| *tool)
+        .collect();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(", "));
+    }
+    Ok(())
+}
+
+fn fixtures(bench: bool) -> anyhow::Result<()> {
+    let fresh = testkit::generate_all(bench);
+    eprintln!(
+        "xtask: fixtures in {}: {} generated anew",
+        testkit::generated_dir().display(),
+        fresh.len()
+    );
+    Ok(())
+}
+
+fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    ensure_tools()?;
+    fixtures(false)?;
+    sh(Command::new(cargo())
+        .current_dir(root())
+        .args(["test", "--workspace", "--locked"])
+        .args(cargo_args))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds the binaries in release mode; returns the folder they are in.
+fn release_build() -> anyhow::Result<PathBuf> {
+    sh(Command::new(cargo()).current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "sparsekit-cli",
+    ]))?;
+    Ok(root().join("target/release"))
+}
+
+/// Runs a command, failing if it fails.
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !o.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn display(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap_or(p).display().to_string()
+}
