@@ -246,6 +246,7 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
         f.display()
     );
     let size = std::fs::metadata(&f)?.len();
+    let small = testkit::fixture("holes-data.raw");
     let stats = race(
         &[
             contender("sparsekit map --json", &[&map, &"--json", &f]),
@@ -255,6 +256,10 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
                 &[&"qemu-img", &"map", &"--output=json", &"-f", &"raw", &f],
             ),
             contender("filefrag -e", &[&"filefrag", &"-e", &f]),
+            contender(
+                "sparsekit map --json, 9-extent file (memory reference)",
+                &[&map, &"--json", &small],
+            ),
             contender("baseline: true", &[&"true"]),
         ],
         runs,
