@@ -10,7 +10,9 @@ pub fn format_size(n: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut v = n as f64;
     let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
+    // 1023.9 KiB would print as "1024 KiB": move up a unit where the
+    // rounding to three digits reaches 1024.
+    while v >= 1023.5 && u + 1 < UNITS.len() {
         v /= 1024.0;
         u += 1;
     }
@@ -181,6 +183,8 @@ mod tests {
         assert_eq!(format_size(65536), "64 KiB");
         assert_eq!(format_size(10_000_007), "9.54 MiB");
         assert_eq!(format_size(1 << 40), "1 TiB");
+        assert_eq!(format_size((1 << 40) - 1_118_208), "1 TiB");
+        assert_eq!(format_size(1023 * 1024), "1023 KiB");
         assert_eq!(format_size(u64::MAX), "16 EiB");
     }
 
