@@ -19,5 +19,7 @@
 pub mod exit;
 pub mod human;
 pub mod prefetch;
+pub mod progress;
 pub mod qemu;
 pub mod source;
+pub mod sys;

@@ -112,6 +112,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The file changed size while it was being mapped: the map would
+    /// describe a file that no longer exists.
+    #[error("{}: changed size while being mapped (was {was} bytes, now {now})", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// Size when opened.
+        was: u64,
+        /// Size at the end of the map.
+        now: u64,
+    },
     /// The kernel answered in a way that would make mapping loop forever or
     /// go backwards.
     #[error("{}: {call} made no progress at offset {offset:#x} (answered {answer:#x})", path.display())]
@@ -272,6 +283,7 @@ impl Mapper {
                 pos: start,
                 end,
                 state,
+                checked: false,
             }
             .coalesce(),
         }
@@ -434,9 +446,34 @@ struct RawExtents<'a> {
     pos: u64,
     end: u64,
     state: State,
+    /// The size was checked again at the end of the stream.
+    checked: bool,
 }
 
 impl RawExtents<'_> {
+    /// At the end of the stream: the file must still have the size the map
+    /// was made for (a regular file truncated or grown meanwhile would get
+    /// a map of a file that no longer exists).
+    fn check_size(&mut self) -> Option<Result<Extent>> {
+        self.checked = true;
+        if self.mapper.kind != FileKind::Regular {
+            return None;
+        }
+        match self.mapper.file.metadata() {
+            Ok(m) if m.len() == self.mapper.size => None,
+            Ok(m) => Some(Err(Error::Changed {
+                path: self.mapper.path.clone(),
+                was: self.mapper.size,
+                now: m.len(),
+            })),
+            Err(source) => Some(Err(Error::Open {
+                path: self.mapper.path.clone(),
+                what: "fstat",
+                source,
+            })),
+        }
+    }
+
     /// Yields `pos..to` as `kind` and moves on.
     fn emit(&mut self, to: u64, kind: Kind) -> Option<Result<Extent>> {
         let e = Extent::new(self.pos, to - self.pos, kind);
@@ -446,6 +483,7 @@ impl RawExtents<'_> {
 
     fn fail(&mut self, err: Error) -> Option<Result<Extent>> {
         self.pos = self.end;
+        self.checked = true;
         Some(Err(err))
     }
 
@@ -544,7 +582,11 @@ impl Iterator for RawExtents<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos >= self.end {
-            return None;
+            return if self.checked {
+                None
+            } else {
+                self.check_size()
+            };
         }
         match self.state {
             State::Fiemap(_) => self.next_fiemap(),

@@ -351,3 +351,26 @@ proptest! {
         }
     }
 }
+
+/// A map is made for one size of the file: a file truncated while being
+/// mapped gets an error, not a map of a file that no longer exists.
+#[test]
+fn file_truncated_while_mapped_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shrinks.raw");
+    let f = create(&path, 8 << 20);
+    f.write_all_at(&[1; 4096], 6 << 20).unwrap();
+    let m = Mapper::open(&path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let err = m
+        .extents(0..u64::MAX)
+        .find_map(Result::err)
+        .expect("an error");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: changed size while being mapped (was 8388608 bytes, now 1048576)",
+            path.display()
+        )
+    );
+}

@@ -1,0 +1,159 @@
+//! `copy SOURCE DEST`: copy a disk image's data, and only its data.
+
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use sparsekit_cli::exit::{finish, parse_args};
+use sparsekit_cli::human::{format_size, parse_size};
+use sparsekit_cli::progress::Bar;
+use sparsekit_cli::source::{self, Format, Source as Opened};
+use sparsekit_cli::sys::stop_on_signals;
+use sparsekit_copy::{
+    CopyOptions, DestMode, Method, RawSource, Sink, Source, copy, dest_end, verify,
+};
+
+/// Copy a disk image's data, and only its data, in parallel.
+///
+/// DEST is created or truncated to the size of SOURCE, holes left where
+/// SOURCE has no data; a block device is written in place (zero ranges
+/// with BLKZEROOUT) and must be large enough.
+#[derive(Debug, clap::Parser)]
+#[command(name = "copy", version)]
+struct Args {
+    /// A regular file or block device; its format is detected by magic.
+    source: String,
+    /// A regular file (created or truncated) or a block device.
+    dest: String,
+    /// The source's format, instead of detecting it.
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<Format>,
+    /// Worker threads (default: all cores).
+    #[arg(short = 'j', long)]
+    jobs: Option<usize>,
+    /// Show a progress bar on standard error (default: when it is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    progress: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Write at this offset of DEST, keeping the rest of it.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    offset: u64,
+    /// Skip this many bytes of SOURCE.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    skip: u64,
+    /// After copying, compare DEST with SOURCE and fail on any difference.
+    #[arg(long)]
+    verify: bool,
+    /// Leave holes for all-zero 4 KiB blocks of data (default for files).
+    #[arg(long, overrides_with = "no_sparse")]
+    sparse: bool,
+    /// Write every byte of data, zero or not.
+    #[arg(long)]
+    no_sparse: bool,
+    /// DEST already reads as zeros: do not zero anything on it.
+    #[arg(long)]
+    dest_is_zero: bool,
+    /// Flush DEST to stable storage at the end (always done for devices).
+    #[arg(long)]
+    flush: bool,
+    /// How data is moved.
+    #[arg(long, value_enum, default_value = "auto")]
+    method: MethodArg,
+    /// Bytes per work item and per worker buffer.
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    chunk_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    /// pread/pwrite when detecting zeros, copy_file_range otherwise.
+    Auto,
+    /// pread/pwrite through page-aligned buffers.
+    ReadWrite,
+    /// copy_file_range (reflink where the file system can).
+    CopyFileRange,
+}
+
+fn main() -> ExitCode {
+    match parse_args::<Args>() {
+        Ok(args) => finish("copy", run(args)),
+        Err(code) => code,
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let stop = stop_on_signals().context("installing signal handlers")?;
+    let path = source::local_path(&args.source);
+    let Opened::Raw(mapper) = source::open_local(&path, args.format)?;
+    let source_id = mapper.file().metadata().ok().map(|m| (m.dev(), m.ino()));
+    let source = RawSource::new(mapper);
+
+    anyhow::ensure!(
+        args.chunk_size >= 4096 && args.chunk_size <= 1 << 30,
+        "--chunk-size must be 4k to 1G"
+    );
+    let opts = CopyOptions {
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| CopyOptions::default().jobs)
+            .max(1),
+        chunk_size: args.chunk_size as usize,
+        sparse: !args.no_sparse,
+        method: match args.method {
+            MethodArg::Auto => Method::Auto,
+            MethodArg::ReadWrite => Method::ReadWrite,
+            MethodArg::CopyFileRange => Method::CopyFileRange,
+        },
+        skip: args.skip,
+        dest_offset: args.offset,
+        flush: args.flush,
+    };
+    let mode = if args.offset > 0 {
+        DestMode::Update
+    } else {
+        DestMode::Replace
+    };
+    let dest = source::local_path(&args.dest);
+    let sink = Sink::open(
+        &dest,
+        dest_end(&source, &opts),
+        mode,
+        args.dest_is_zero,
+        source_id,
+    )?;
+
+    let show = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+    let t = Instant::now();
+    let bar = Bar::new(show, "copy");
+    let stats = copy(&source, &sink, &opts, &bar, stop);
+    bar.finish();
+    let stats = stats.with_context(|| format!("{} -> {}", source.name(), dest.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "copy: {} -> {}: {} of data ({} written, {} of zero blocks left as holes), {} unallocated, in {:.2} s",
+        source.name(),
+        dest.display(),
+        format_size(stats.data_read),
+        format_size(stats.data_written),
+        format_size(stats.zero_detected),
+        format_size(stats.unallocated),
+        secs
+    );
+    if args.verify {
+        let dest_src = RawSource::open(&dest)?;
+        let bar = Bar::new(show, "verify");
+        let r = verify(&source, &dest_src, &opts, &bar, stop);
+        bar.finish();
+        r.with_context(|| format!("verifying {} against {}", dest.display(), source.name()))?;
+        eprintln!(
+            "copy: verified: {} is identical to {}",
+            dest.display(),
+            source.name()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
