@@ -422,17 +422,13 @@ pub enum Error {
         /// What was being done.
         during: String,
     },
-    /// The server broke the protocol while answering a request.
-    #[error("{uri}: invalid reply to {command} at {offset:#x}+{length:#x}")]
+    /// The server broke the protocol in the transmission phase.
+    #[error("{uri}: invalid {during}")]
     Protocol {
         /// URI of the connection.
         uri: String,
-        /// Command of the request.
-        command: Command,
-        /// Offset of the request.
-        offset: u64,
-        /// Length of the request.
-        length: u64,
+        /// What was being read, e.g. `reply to NBD_CMD_READ at 0x0+0x1000`.
+        during: String,
         /// What was wrong.
         #[source]
         source: ProtocolError,

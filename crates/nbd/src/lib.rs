@@ -46,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod error;
 pub mod handshake;
 pub mod map;
@@ -53,7 +54,8 @@ pub mod reply;
 pub mod uri;
 pub mod wire;
 
-pub use error::{HandshakeError, ProtocolError};
+pub use client::{BlockStatusIter, Client, ClientConfig};
+pub use error::{Error, HandshakeError, ProtocolError};
 pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
 pub use map::StatusExtent;
 pub use uri::{NbdUri, Transport, UriError};
