@@ -15,8 +15,30 @@
 //!   [`sparsekit_extent::Extent`] vocabulary and into the JSON that
 //!   `nbdinfo --map --json` and `qemu-img map --output=json` print.
 //!
+//! Only [`Client`] touches a socket: it connects by URI over TCP or a Unix
+//! socket, reads with pipelined requests ([`Client::read`]), streams block
+//! status for any negotiated context ([`Client::block_status`],
+//! [`Client::map`]) and sends `NBD_CMD_DISC` when dropped.
+//!
 //! Errors are typed: [`ProtocolError`] for bytes that break the protocol,
-//! [`HandshakeError`] for a failed negotiation.
+//! [`HandshakeError`] for a failed negotiation, [`Error`] for everything a
+//! client call reports (each naming the URI, and the offset where known).
+//!
+//! ```no_run
+//! use sparsekit_nbd::{Client, Kind};
+//!
+//! let mut c = Client::connect("nbd+unix:///?socket=/run/nbd.sock")?;
+//! let size = c.size();
+//! let mut buf = vec![0u8; 1 << 20];
+//! for e in c.map(0..size)?.collect::<Result<Vec<_>, _>>()? {
+//!     if e.kind == Kind::Data && e.length <= buf.len() as u64 {
+//!         c.read(e.offset, &mut buf[..e.length as usize])?;
+//!     }
+//! }
+//! # Ok::<(), sparsekit_nbd::Error>(())
+//! ```
+//!
+//! The sans-IO handshake, driven by hand:
 //!
 //! ```
 //! use sparsekit_nbd::{Handshake, HandshakeConfig, HeaderMode, NbdUri};
@@ -58,6 +80,7 @@ pub use client::{BlockStatusIter, Client, ClientConfig};
 pub use error::{Error, HandshakeError, ProtocolError};
 pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
 pub use map::StatusExtent;
+pub use sparsekit_extent::{Extent, Kind};
 pub use uri::{NbdUri, Transport, UriError};
 pub use wire::{
     Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,
