@@ -30,7 +30,8 @@
 //! let mut c = Client::connect("nbd+unix:///?socket=/run/nbd.sock")?;
 //! let size = c.size();
 //! let mut buf = vec![0u8; 1 << 20];
-//! for e in c.map(0..size)?.collect::<Result<Vec<_>, _>>()? {
+//! let extents: Vec<_> = c.map(0..size)?.collect::<Result<_, _>>()?;
+//! for e in extents {
 //!     if e.kind == Kind::Data && e.length <= buf.len() as u64 {
 //!         c.read(e.offset, &mut buf[..e.length as usize])?;
 //!     }
