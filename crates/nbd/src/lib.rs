@@ -1,0 +1,89 @@
+//! An NBD client for sparsekit: where the data of an NBD export is, and
+//! reading it.
+//!
+//! The protocol core does no I/O (like quinn-proto):
+//!
+//! - [`NbdUri`] parses `nbd://host[:port]/export` and
+//!   `nbd+unix:///export?socket=PATH` URIs ([`uri`]);
+//! - [`Handshake`] is the fixed newstyle handshake as a state machine over
+//!   bytes, negotiating structured replies or extended headers, metadata
+//!   contexts and the export with `NBD_OPT_GO` ([`handshake`]);
+//! - [`Request`], [`ReplyHeader`] and [`Chunk`] encode requests and decode
+//!   replies ([`wire`]); [`reply::ReadReply`] and [`reply::StatusReply`]
+//!   check every chunk of a reply against its request;
+//! - [`map`] turns block status into the shared
+//!   [`sparsekit_extent::Extent`] vocabulary and into the JSON that
+//!   `nbdinfo --map --json` and `qemu-img map --output=json` print.
+//!
+//! Only [`Client`] touches a socket: it connects by URI over TCP or a Unix
+//! socket, reads with pipelined requests ([`Client::read`]), streams block
+//! status for any negotiated context ([`Client::block_status`],
+//! [`Client::map`]) and sends `NBD_CMD_DISC` when dropped.
+//!
+//! Errors are typed: [`ProtocolError`] for bytes that break the protocol,
+//! [`HandshakeError`] for a failed negotiation, [`Error`] for everything a
+//! client call reports (each naming the URI, and the offset where known).
+//!
+//! ```no_run
+//! use sparsekit_nbd::{Client, Kind};
+//!
+//! let mut c = Client::connect("nbd+unix:///?socket=/run/nbd.sock")?;
+//! let size = c.size();
+//! let mut buf = vec![0u8; 1 << 20];
+//! let extents: Vec<_> = c.map(0..size)?.collect::<Result<_, _>>()?;
+//! for e in extents {
+//!     if e.kind == Kind::Data && e.length <= buf.len() as u64 {
+//!         c.read(e.offset, &mut buf[..e.length as usize])?;
+//!     }
+//! }
+//! # Ok::<(), sparsekit_nbd::Error>(())
+//! ```
+//!
+//! The sans-IO handshake, driven by hand:
+//!
+//! ```
+//! use sparsekit_nbd::{Handshake, HandshakeConfig, HeaderMode, NbdUri};
+//!
+//! let uri: NbdUri = "nbd+unix:///disk?socket=/run/nbd.sock".parse().unwrap();
+//! let mut hs = Handshake::new(HandshakeConfig {
+//!     export: uri.export.clone(),
+//!     extended_headers: false,
+//!     ..HandshakeConfig::default()
+//! })
+//! .unwrap();
+//!
+//! // The server's greeting: NBDMAGIC, IHAVEOPT, fixed newstyle + no zeroes.
+//! let mut greeting = Vec::new();
+//! greeting.extend_from_slice(b"NBDMAGICIHAVEOPT");
+//! greeting.extend_from_slice(&[0, 3]);
+//! assert_eq!(hs.feed(&greeting).unwrap(), None);
+//!
+//! // The client answers with its flags and NBD_OPT_STRUCTURED_REPLY (8).
+//! let out = hs.take_output();
+//! assert_eq!(&out[..4], &[0, 0, 0, 3]);
+//! assert_eq!(&out[4..12], b"IHAVEOPT");
+//! assert_eq!(&out[12..16], &[0, 0, 0, 8]);
+//! assert_eq!(hs.wanted(), 20); // an option reply header comes next
+//! # let _ = HeaderMode::Structured;
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod handshake;
+pub mod map;
+pub mod reply;
+pub mod uri;
+pub mod wire;
+
+pub use client::{BlockStatusIter, Client, ClientConfig};
+pub use error::{Error, HandshakeError, ProtocolError};
+pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
+pub use map::StatusExtent;
+pub use sparsekit_extent::{Extent, Kind};
+pub use uri::{NbdUri, Transport, UriError};
+pub use wire::{
+    Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,
+    ReplyHeader, Request, TransmissionFlags,
+};
