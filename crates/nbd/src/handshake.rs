@@ -422,9 +422,10 @@ impl Handshake {
 
     fn reply(&mut self, opt: Opt, reply: RepType, payload: &[u8]) -> Result<(), HandshakeError> {
         if reply.is_error()
-            && let Some(e) = Self::common_error(opt, reply, payload) {
-                return Err(e);
-            }
+            && let Some(e) = Self::common_error(opt, reply, payload)
+        {
+            return Err(e);
+        }
         match opt {
             Opt::EXTENDED_HEADERS => match reply {
                 RepType::ACK => {

@@ -130,10 +130,12 @@ pub fn nbdinfo_map(
     let mut out: Vec<NbdinfoMapEntry> = Vec::new();
     for e in extents {
         if let Some(last) = out.last_mut()
-            && last.kind == e.flags && last.offset + last.length == e.offset {
-                last.length += e.length;
-                continue;
-            }
+            && last.kind == e.flags
+            && last.offset + last.length == e.offset
+        {
+            last.length += e.length;
+            continue;
+        }
         out.push(NbdinfoMapEntry {
             offset: e.offset,
             length: e.length,

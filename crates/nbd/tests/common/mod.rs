@@ -222,11 +222,12 @@ pub fn merge(v: Value, same: impl Fn(&Value, &Value) -> bool) -> Value {
     let mut out: Vec<Value> = Vec::new();
     for e in v.as_array().expect("a JSON array").iter().cloned() {
         if let Some(last) = out.last_mut()
-            && same(last, &e) {
-                let l = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
-                last["length"] = l.into();
-                continue;
-            }
+            && same(last, &e)
+        {
+            let l = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+            last["length"] = l.into();
+            continue;
+        }
         out.push(e);
     }
     Value::Array(out)
