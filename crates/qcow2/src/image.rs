@@ -239,6 +239,10 @@ impl Qcow2 {
         self.data_file.as_ref().map(|d| d.path.as_path())
     }
 
+    pub(crate) fn file(&self) -> &File {
+        &self.host.file
+    }
+
     /// The virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.header.size

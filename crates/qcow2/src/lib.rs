@@ -45,16 +45,23 @@
 //! # }
 //! ```
 
+mod bitmap;
 mod chain;
 mod compress;
 mod entry;
 mod error;
 mod header;
 mod image;
+mod info;
 mod map;
 mod seek;
+mod snapshot;
 mod types;
 
+pub use bitmap::{
+    Bitmap, BitmapCluster, BitmapTableEntry, DirtyRanges, RawBitmapEntry, flags as bitmap_flags,
+    parse_directory,
+};
 pub use chain::{Format, Image, Layer, MAX_CHAIN_DEPTH, OpenOptions, RawImage};
 pub use compress::decompress;
 pub use entry::{
@@ -66,5 +73,10 @@ pub use header::{
     UnknownExtension, autoclear, compat, ext, incompat,
 };
 pub use image::{L2_CACHE_TABLES, LayerStatus, Qcow2};
+pub use info::{
+    BitmapInfo, ChildInfo, Empty, FileInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
+    SnapshotInfo,
+};
 pub use map::{MapEntry, MapIter, merge_entries};
+pub use snapshot::{RawSnapshotHeader, Snapshot};
 pub use types::{GuestOffset, HostOffset};

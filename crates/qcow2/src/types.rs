@@ -46,7 +46,6 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Reads a big-endian `u16` at `at`; the caller has checked the length.
-#[allow(dead_code)]
 pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
 }
