@@ -11,6 +11,16 @@
 //!   virtual disk. [`Image::map`] streams [`MapEntry`] values equal to
 //!   `qemu-img map --output=json`, convertible to
 //!   [`sparsekit_extent::Extent`]; [`Image::read_at`] reads the disk.
+//! - [`Qcow2::dirty_ranges`] reads a persistent dirty bitmap offline
+//!   ([`Bitmap`], [`DirtyRanges`]), as `qemu-nbd -B NAME` would export it.
+//! - [`Qcow2::check`] rebuilds refcounts like `qemu-img check`
+//!   ([`CheckResult`] serializes to its `--output=json`); [`Qcow2::info`]
+//!   gives `qemu-img info --output=json` ([`ImageInfo`]);
+//!   [`Qcow2::write_allocation_bitmap`] streams one bit per guest cluster.
+//!
+//! Everything is read-only: files are opened with `File::open` and read
+//! with `pread`; nothing an image says is allocated before it is checked
+//! against the file size or a stated cap.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,6 +57,7 @@
 
 mod bitmap;
 mod chain;
+mod check;
 mod compress;
 mod entry;
 mod error;
@@ -63,6 +74,7 @@ pub use bitmap::{
     parse_directory,
 };
 pub use chain::{Format, Image, Layer, MAX_CHAIN_DEPTH, OpenOptions, RawImage};
+pub use check::CheckResult;
 pub use compress::decompress;
 pub use entry::{
     Geometry, L1Entry, L2Entry, L2Mapping, RefcountTableEntry, Subcluster, SubclusterBitmap,
