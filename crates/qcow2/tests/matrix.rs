@@ -353,3 +353,36 @@ fn extents_at_the_edge() {
     assert_eq!(part.len(), 2);
     assert_eq!((part[0].start, part[0].length), (32768, 32768));
 }
+
+#[test]
+fn sub_range_equals_qemu_img_start_offset_and_max_length() {
+    let d = Dir::new();
+    d.create("base.qcow2", "", "2M");
+    d.io("base.qcow2", &["write -P 1 0 2M"]);
+    d.create("a.qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "2M");
+    d.io("a.qcow2", MIXED);
+    let img = Image::open(d.path("a.qcow2")).unwrap();
+    for (start, len) in [(0u64, 4096u64), (70_000, 300_000), (655_360, 1_441_792)] {
+        let ours = sparsekit_qcow2::merge_entries(
+            img.map(start..start + len)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap(),
+        );
+        let out = d.img(&[
+            "map",
+            "--output=json",
+            "--start-offset",
+            &start.to_string(),
+            "--max-length",
+            &len.to_string(),
+            "a.qcow2",
+        ]);
+        let theirs: Vec<sparsekit_qcow2::MapEntry> = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            ours,
+            sparsekit_qcow2::merge_entries(theirs),
+            "{start}+{len}"
+        );
+    }
+}
