@@ -59,6 +59,15 @@ impl RawImage {
         &self.host.path
     }
 
+    /// Its length in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.host.size
+    }
+
+    pub(crate) fn file(&self) -> &std::fs::File {
+        &self.host.file
+    }
+
     /// Its size as the block layer sees it: rounded up to 512 bytes.
     pub fn virtual_size(&self) -> u64 {
         self.host.size.next_multiple_of(512)

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::chain::Image;
+use crate::chain::{Image, Layer};
 use crate::error::Result;
 use crate::image::{Qcow2, actual_size, resolve};
 
@@ -201,22 +201,7 @@ impl Qcow2 {
             None => None,
         };
         Ok(ImageInfo {
-            children: vec![ChildInfo {
-                name: "file",
-                info: FileInfo {
-                    children: Vec::new(),
-                    // The block layer counts whole 512-byte sectors.
-                    virtual_size: self.file_size().next_multiple_of(512),
-                    filename: filename.clone(),
-                    format: "file",
-                    actual_size: actual,
-                    format_specific: FileSpecific {
-                        kind: "file",
-                        data: Empty {},
-                    },
-                    dirty_flag: false,
-                },
-            }],
+            children: vec![file_child(&filename, self.file_size(), actual)],
             backing_filename_format: h.backing_format.clone(),
             snapshots,
             virtual_size: h.size,
@@ -245,16 +230,73 @@ impl Qcow2 {
     }
 }
 
+/// `qemu-img info` of a raw backing file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RawInfo {
+    /// The file node.
+    pub children: Vec<ChildInfo>,
+    /// Size, rounded up to 512 bytes.
+    pub virtual_size: u64,
+    /// The file name, resolved against the image above.
+    pub filename: String,
+    /// `raw`.
+    pub format: &'static str,
+    /// Bytes allocated on disk.
+    pub actual_size: u64,
+    /// Always false.
+    pub dirty_flag: bool,
+}
+
+/// One element of `qemu-img info --backing-chain --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ChainInfo {
+    /// A qcow2 layer.
+    Qcow2(Box<ImageInfo>),
+    /// A raw layer.
+    Raw(RawInfo),
+}
+
+fn file_child(filename: &str, size: u64, actual: u64) -> ChildInfo {
+    ChildInfo {
+        name: "file",
+        info: FileInfo {
+            children: Vec::new(),
+            // The block layer counts whole 512-byte sectors.
+            virtual_size: size.next_multiple_of(512),
+            filename: filename.to_owned(),
+            format: "file",
+            actual_size: actual,
+            format_specific: FileSpecific {
+                kind: "file",
+                data: Empty {},
+            },
+            dirty_flag: false,
+        },
+    }
+}
+
 impl Image {
-    /// [`Qcow2::info`] of every qcow2 layer of the chain, top first, as
-    /// `qemu-img info --backing-chain` lists them (raw layers are left
-    /// out: they have no qcow2 data).
-    pub fn info_chain(&self) -> Result<Vec<ImageInfo>> {
+    /// `qemu-img info --backing-chain --output=json`: every layer, top
+    /// first.
+    pub fn info_chain(&self) -> Result<Vec<ChainInfo>> {
         self.layers()
             .iter()
-            .filter_map(|l| match l {
-                crate::chain::Layer::Qcow2(q) => Some(q.info()),
-                crate::chain::Layer::Raw(_) => None,
+            .map(|l| match l {
+                Layer::Qcow2(q) => Ok(ChainInfo::Qcow2(Box::new(q.info()?))),
+                Layer::Raw(r) => {
+                    let filename = r.path().to_string_lossy().into_owned();
+                    let actual = actual_size(r.file())?;
+                    Ok(ChainInfo::Raw(RawInfo {
+                        children: vec![file_child(&filename, r.file_size(), actual)],
+                        virtual_size: r.virtual_size(),
+                        filename,
+                        format: "raw",
+                        actual_size: actual,
+                        dirty_flag: false,
+                    }))
+                }
             })
             .collect()
     }

@@ -86,8 +86,8 @@ pub use header::{
 };
 pub use image::{L2_CACHE_TABLES, LayerStatus, Qcow2};
 pub use info::{
-    BitmapInfo, ChildInfo, Empty, FileInfo, FileSpecific, FormatSpecific, ImageInfo, Qcow2Specific,
-    SnapshotInfo,
+    BitmapInfo, ChainInfo, ChildInfo, Empty, FileInfo, FileSpecific, FormatSpecific, ImageInfo,
+    Qcow2Specific, RawInfo, SnapshotInfo,
 };
 pub use map::{MapEntry, MapIter, merge_entries};
 pub use snapshot::{RawSnapshotHeader, Snapshot};

@@ -53,11 +53,30 @@ fn backing_and_data_file() {
     assert_info(&d, "d.qcow2");
     d.create("r.qcow2", "data_file=r.data,data_file_raw=on", "1M");
     assert_info(&d, "r.qcow2");
-    let chain = Image::open(d.path("top.qcow2"))
-        .unwrap()
-        .info_chain()
-        .unwrap();
-    assert_eq!(chain.len(), 1);
+}
+
+#[test]
+fn backing_chain() {
+    let d = Dir::new();
+    d.img(&["create", "-q", "-f", "raw", "base.raw", "1M"]);
+    d.io_fmt("base.raw", "raw", &["write -P 1 0 4k"]);
+    d.create("mid.qcow2", "backing_file=base.raw,backing_fmt=raw", "1M");
+    d.create(
+        "top.qcow2",
+        "backing_file=mid.qcow2,backing_fmt=qcow2",
+        "2M",
+    );
+    let p = d.path("top.qcow2");
+    let ours = Image::open(&p).unwrap().info_chain().unwrap();
+    assert_eq!(ours.len(), 3);
+    let out = d.img(&[
+        "info",
+        "--backing-chain",
+        "--output=json",
+        p.to_str().unwrap(),
+    ]);
+    let theirs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(serde_json::to_value(&ours).unwrap(), theirs);
 }
 
 #[test]
