@@ -284,20 +284,18 @@ impl L2Mapping {
         s
     }
 
-    /// Whether this entry has host data in this image: a standard cluster
-    /// (with at least one allocated subcluster) or a compressed one.
+    /// Whether this entry has a host cluster in this image: a standard
+    /// cluster (whatever its subcluster bitmap says), a preallocated zero
+    /// cluster, or a compressed one. Zero clusters without a host cluster
+    /// and unallocated ones do not. This is what `qemu-img check` counts
+    /// as allocated clusters.
     pub fn has_host_data(self) -> bool {
-        match self {
-            L2Mapping::Compressed { .. } => true,
-            L2Mapping::Standard {
-                subclusters: None, ..
-            } => true,
-            L2Mapping::Standard {
-                subclusters: Some(bm),
-                ..
-            } => bm.0 & SubclusterBitmap::ALLOC_MASK != 0,
-            _ => false,
-        }
+        matches!(
+            self,
+            L2Mapping::Compressed { .. }
+                | L2Mapping::Standard { .. }
+                | L2Mapping::Zero { host: Some(_) }
+        )
     }
 }
 

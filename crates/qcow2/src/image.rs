@@ -588,9 +588,10 @@ impl Qcow2 {
 
     /// Streams the allocation bitmap of this image to `out`: one bit per
     /// guest cluster, bit `i % 8` of byte `i / 8` set when cluster `i` has
-    /// host data here (standard or compressed; zero clusters do not
-    /// count). Returns the number of clusters with data. Memory is one L2
-    /// table, however big the disk.
+    /// a host cluster here (standard, compressed or preallocated zero; see
+    /// [`L2Mapping::has_host_data`]). Returns the number of such clusters,
+    /// which equals `qemu-img check`'s allocated clusters. Memory is one
+    /// L2 table, however big the disk.
     pub fn write_allocation_bitmap(&self, out: &mut dyn std::io::Write) -> Result<u64> {
         let h = &self.header;
         let clusters = h.size.div_ceil(h.cluster_size());
@@ -637,7 +638,8 @@ impl Qcow2 {
         Ok(count)
     }
 
-    /// Allocated clusters (standard or compressed) times the cluster size.
+    /// Allocated clusters (see [`Qcow2::write_allocation_bitmap`]) times
+    /// the cluster size.
     pub fn allocated_bytes(&self) -> Result<u64> {
         Ok(self.write_allocation_bitmap(&mut std::io::sink())? * self.cluster_size())
     }

@@ -89,14 +89,17 @@ fn allocation_bitmap_and_allocated_bytes() {
             "write -P 1 0 4k",     // cluster 0: data
             "write -c -P 2 8k 4k", // cluster 2: compressed
             "write -z 12k 4k",     // cluster 3: zero, no host cluster
+            "write -P 5 16k 4k",   // cluster 4: data...
+            "write -z 16k 4k",     // ...then zero, host cluster kept
             "write -P 3 36k 8k",   // clusters 9, 10
             "write -P 4 96k 4k",   // cluster 24, the last one
         ],
     );
     let q = Qcow2::open(d.path("a.qcow2")).unwrap();
     let mut bits = Vec::new();
-    assert_eq!(q.write_allocation_bitmap(&mut bits).unwrap(), 5);
+    assert_eq!(q.write_allocation_bitmap(&mut bits).unwrap(), 6);
     // 25 clusters: 4 bytes.
-    assert_eq!(bits, [0b0000_0101, 0b0000_0110, 0, 0b0000_0001]);
-    assert_eq!(q.allocated_bytes().unwrap(), 5 * 4096);
+    assert_eq!(bits, [0b0001_0101, 0b0000_0110, 0, 0b0000_0001]);
+    assert_eq!(q.allocated_bytes().unwrap(), 6 * 4096);
+    assert_eq!(q.check().unwrap().allocated_clusters, 6);
 }
