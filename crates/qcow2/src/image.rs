@@ -322,9 +322,8 @@ impl Qcow2 {
         })
     }
 
-    /// The L2 mapping of the guest cluster containing `guest`, and the
-    /// number of following guest bytes (from the cluster start) that share
-    /// an unallocated L1 entry, when the L2 table itself is missing.
+    /// The L2 mapping of the guest cluster containing `guest`
+    /// ([`L2Mapping::Unallocated`] when its L2 table is missing).
     pub fn mapping(&self, guest: GuestOffset) -> Result<L2Mapping> {
         Ok(self.lookup(guest.0)?.0)
     }
