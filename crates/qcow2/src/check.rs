@@ -1,0 +1,605 @@
+//! A consistency check like `qemu-img check` (qemu's
+//! block/qcow2-refcount.c, `qcow2_check_refcounts`): rebuild reference
+//! counts from every structure, then compare them with the refcounts
+//! stored in the image.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::bitmap::{BitmapTableEntry, parse_directory};
+use crate::entry::{L1Entry, L2Entry, RefcountTableEntry};
+use crate::error::Result;
+use crate::image::{Qcow2, pread_zero_fill, refcount_in_block};
+use crate::types::be64;
+
+/// What `qemu-img check --output=json` prints; counters that are zero
+/// are left out, as qemu-img does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckResult {
+    /// One past the last cluster with a refcount or a reference.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub image_end_offset: u64,
+    /// Guest clusters of the virtual disk.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub total_clusters: u64,
+    /// Errors that kept the check from looking at something.
+    pub check_errors: u64,
+    /// Guest clusters with a host cluster (standard, preallocated zero,
+    /// compressed) in the active L1 table.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub allocated_clusters: u64,
+    /// The image file name as given.
+    pub filename: String,
+    /// `qcow2`.
+    pub format: &'static str,
+    /// Allocated clusters not contiguous with their predecessor in the
+    /// same L2 table, plus every compressed cluster.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub compressed_clusters: u64,
+    /// Clusters whose refcount is above their references.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks: u64,
+    /// Corruptions: references outside the file, refcounts below
+    /// references, invalid entries.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions: u64,
+    /// One line per finding, in the words of qemu-img's messages.
+    #[serde(skip)]
+    pub messages: Vec<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl CheckResult {
+    /// `qemu-img check`'s exit status: 0 clean, 2 corruptions, 3 leaks
+    /// only, 1 when the check could not look at everything.
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// Reference counts rebuilt from the metadata: two bytes per cluster of
+/// the file, with the rare counts above 65534 kept aside.
+#[derive(Debug)]
+struct Counts {
+    small: Vec<u16>,
+    big: HashMap<u64, u64>,
+}
+
+impl Counts {
+    fn get(&self, i: u64) -> u64 {
+        match self.small.get(i as usize) {
+            Some(&u16::MAX) => self.big[&i],
+            Some(&v) => v.into(),
+            None => 0,
+        }
+    }
+
+    fn set(&mut self, i: u64, v: u64) {
+        if i as usize >= self.small.len() {
+            self.small.resize(i as usize + 1, 0);
+        }
+        if v >= u64::from(u16::MAX) {
+            self.small[i as usize] = u16::MAX;
+            self.big.insert(i, v);
+        } else {
+            self.small[i as usize] = v as u16;
+            self.big.remove(&i);
+        }
+    }
+}
+
+struct Checker<'a> {
+    q: &'a Qcow2,
+    res: CheckResult,
+    counts: Counts,
+    file_len: u64,
+    cluster_size: u64,
+    refcount_max: u64,
+}
+
+impl Checker<'_> {
+    fn corrupt(&mut self, msg: String) {
+        self.res.corruptions += 1;
+        self.res.messages.push(msg);
+    }
+
+    /// qemu's `qcow2_inc_refcounts_imrt`.
+    fn inc(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        // The last cluster may be partly allocated; a reference a whole
+        // cluster or more past the end is a corruption.
+        if (offset as i128) + (size as i128) - (self.file_len as i128) >= self.cluster_size as i128
+        {
+            self.corrupt(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one \
+                 cluster or more: offset {offset:#x} size {size:#x}"
+            ));
+            return;
+        }
+        let first = offset / self.cluster_size;
+        let last = (offset + size - 1) / self.cluster_size;
+        for k in first..=last {
+            let c = self.counts.get(k);
+            if c == self.refcount_max {
+                self.corrupt(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    k * self.cluster_size
+                ));
+                continue;
+            }
+            self.counts.set(k, c + 1);
+        }
+    }
+
+    fn read(&mut self, offset: u64, len: u64, what: &'static str) -> Option<Vec<u8>> {
+        let mut buf = vec![0; len as usize];
+        match pread_zero_fill(self.q.file(), &mut buf, offset, what) {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                self.res.check_errors += 1;
+                self.res.messages.push(format!("ERROR: {e}"));
+                None
+            }
+        }
+    }
+
+    /// qemu's `check_refcounts_l1`. `l1_bytes` is bounded by 32 MiB.
+    fn l1(&mut self, offset: u64, entries: u64, active: bool) {
+        let bytes = entries * 8;
+        self.inc(offset, bytes);
+        if bytes == 0 {
+            return;
+        }
+        let Some(table) = self.read(offset, bytes, "L1 table") else {
+            return;
+        };
+        for c in table.chunks_exact(8) {
+            let e = be64(c, 0);
+            if e == 0 {
+                continue;
+            }
+            if e & L1Entry::RESERVED_MASK != 0 {
+                self.corrupt(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
+            }
+            let l2 = e & L1Entry::OFFSET_MASK;
+            self.inc(l2, self.cluster_size);
+            if l2 % self.cluster_size != 0 {
+                self.corrupt(format!(
+                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            self.l2(l2, active);
+        }
+    }
+
+    /// qemu's `check_refcounts_l2`.
+    fn l2(&mut self, offset: u64, active: bool) {
+        let q = self.q;
+        let h = q.header();
+        let Some(table) = self.read(offset, self.cluster_size, "L2 table") else {
+            return;
+        };
+        let es = h.l2_entry_size() as usize;
+        let extended = h.extended_l2();
+        let data_file = h.has_data_file();
+        let x = L2Entry::compressed_shift(h.cluster_bits);
+        let mut next_contiguous = 0u64;
+        for (i, c) in table.chunks_exact(es).enumerate() {
+            let mut e = be64(c, 0);
+            let bitmap = if extended { be64(c, 8) } else { 0 };
+            let compressed = e & L2Entry::COMPRESSED != 0;
+            if !compressed && e & L2Entry::RESERVED_MASK != 0 {
+                self.corrupt(format!(
+                    "ERROR found l2 entry with reserved bits set: {e:x}"
+                ));
+            }
+            let off = e & L2Entry::OFFSET_MASK;
+            if compressed {
+                if e & L2Entry::COPIED != 0 {
+                    self.corrupt(format!(
+                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                        e & ((1 << x) - 1)
+                    ));
+                    e &= !L2Entry::COPIED;
+                }
+                if data_file {
+                    self.corrupt(format!(
+                        "ERROR compressed cluster {i} with data file, entry={e:#x}"
+                    ));
+                    continue;
+                }
+                if bitmap != 0 {
+                    self.corrupt(format!(
+                        "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={e:#x}"
+                    ));
+                    continue;
+                }
+                let coffset = e & ((1 << x) - 1);
+                let sectors = ((e >> x) & ((1 << (h.cluster_bits - 8)) - 1)) + 1;
+                self.inc(coffset, sectors * 512 - (coffset & 511));
+                if active {
+                    self.res.allocated_clusters += 1;
+                    self.res.compressed_clusters += 1;
+                    self.res.fragmented_clusters += 1;
+                }
+                continue;
+            }
+            // qemu's qcow2_get_cluster_type.
+            let zero = e & L2Entry::ZERO != 0 && !extended;
+            let allocated = off != 0 || (data_file && e & L2Entry::COPIED != 0);
+            if zero && !allocated {
+                continue; // ZERO_PLAIN
+            }
+            if !allocated {
+                if bitmap & 0xffff_ffff != 0 {
+                    self.corrupt(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation bitmap"
+                            .into(),
+                    );
+                }
+                continue;
+            }
+            // NORMAL or ZERO_ALLOC.
+            if (bitmap >> 32) & bitmap != 0 {
+                self.corrupt(format!(
+                    "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
+            }
+            if off % self.cluster_size != 0 {
+                self.corrupt(format!(
+                    "ERROR offset={off:x}: cluster is not properly aligned; L2 entry corrupted."
+                ));
+            }
+            if active {
+                self.res.allocated_clusters += 1;
+                if next_contiguous != 0 && off != next_contiguous {
+                    self.res.fragmented_clusters += 1;
+                }
+                next_contiguous = off + self.cluster_size;
+            }
+            if !data_file {
+                self.inc(off, self.cluster_size);
+            }
+        }
+    }
+
+    /// The bitmap directory, tables and data clusters
+    /// (`qcow2_check_bitmaps_refcounts`).
+    fn bitmaps(&mut self) {
+        let q = self.q;
+        let h = q.header();
+        let Some(ext) = h.bitmaps.filter(|b| b.consistent) else {
+            return;
+        };
+        self.inc(ext.directory_offset.0, ext.directory_size);
+        let Some(dir) = self.read(
+            ext.directory_offset.0,
+            ext.directory_size,
+            "bitmap directory",
+        ) else {
+            return;
+        };
+        let list =
+            match parse_directory(&dir, ext.nb_bitmaps, h.cluster_bits, h.size, self.file_len) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.corrupt(format!("ERROR: {e}"));
+                    return;
+                }
+            };
+        for b in list {
+            let bytes = u64::from(b.table_size) * 8;
+            self.inc(b.table_offset.0, bytes);
+            let Some(t) = self.read(b.table_offset.0, bytes, "bitmap table") else {
+                self.res.corruptions += 1;
+                break;
+            };
+            for c in t.chunks_exact(8) {
+                let e = BitmapTableEntry(be64(c, 0));
+                match e.decode(h.cluster_bits) {
+                    Err(_) => self.corrupt(format!(
+                        "ERROR: bitmap {:?}: bad table entry {:#x}",
+                        b.name, e.0
+                    )),
+                    Ok(crate::bitmap::BitmapCluster::Stored(o)) => self.inc(o.0, self.cluster_size),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
+    /// qemu's `check_refblocks`.
+    fn refblocks(&mut self, nb_clusters: u64) {
+        let table_offset = self.q.header().refcount_table_offset.0;
+        for (i, e) in self.q.refcount_table().iter().enumerate() {
+            if e.0 & RefcountTableEntry::RESERVED_MASK != 0 {
+                self.corrupt(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            let off = e.0 & RefcountTableEntry::OFFSET_MASK;
+            if off % self.cluster_size != 0 {
+                self.corrupt(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            let cluster = off / self.cluster_size;
+            if cluster >= nb_clusters {
+                self.corrupt(format!(
+                    "ERROR refcount block {i} is outside image (table at {table_offset:#x})"
+                ));
+                continue;
+            }
+            if off != 0 {
+                self.inc(off, self.cluster_size);
+                let c = self.counts.get(cluster);
+                if c != 1 {
+                    self.corrupt(format!("ERROR refcount block {i} refcount={c}"));
+                }
+            }
+        }
+    }
+
+    /// The refcount stored in the image for every cluster of the file
+    /// (qemu's `qcow2_get_refcount`), one refcount block at a time.
+    fn compare(&mut self, nb_clusters: u64) -> u64 {
+        let q = self.q;
+        let per_block = q.refcount_block_entries();
+        let order = q.header().refcount_order;
+        let mut highest = 0;
+        let mut block: Option<(u64, Option<Vec<u8>>)> = None;
+        for i in 0..nb_clusters {
+            let ti = i / per_block;
+            if block.as_ref().is_none_or(|(t, _)| *t != ti) {
+                let data = match q.refcount_table().get(ti as usize) {
+                    None => None,
+                    Some(e) => {
+                        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
+                        if off == 0 {
+                            None
+                        } else if off % self.cluster_size != 0 {
+                            Some(Vec::new())
+                        } else {
+                            Some(
+                                self.read(off, self.cluster_size, "refcount block")
+                                    .unwrap_or_default(),
+                            )
+                        }
+                    }
+                };
+                block = Some((ti, data));
+            }
+            let stored = match &block {
+                Some((_, None)) | None => 0,
+                Some((_, Some(b))) if b.is_empty() => {
+                    self.res.check_errors += 1;
+                    self.res.messages.push(format!(
+                        "Can't get refcount for cluster {i}: Input/output error"
+                    ));
+                    continue;
+                }
+                Some((_, Some(b))) => refcount_in_block(b, i % per_block, order),
+            };
+            let counted = self.counts.get(i);
+            if stored > 0 || counted > 0 {
+                highest = i;
+            }
+            if stored != counted {
+                let word = if stored < counted { "ERROR" } else { "Leaked" };
+                self.res.messages.push(format!(
+                    "{word} cluster {i} refcount={stored} reference={counted}"
+                ));
+                if stored < counted {
+                    self.res.corruptions += 1;
+                } else {
+                    self.res.leaks += 1;
+                }
+            }
+        }
+        highest
+    }
+
+    /// qemu's `check_oflag_copied` on the active tables.
+    fn oflag_copied(&mut self) {
+        let q = self.q;
+        let h = q.header();
+        let Some(l1) = self.read(h.l1_table_offset.0, u64::from(h.l1_size) * 8, "L1 table") else {
+            return;
+        };
+        let es = h.l2_entry_size() as usize;
+        for (i, c) in l1.chunks_exact(8).enumerate() {
+            let e = be64(c, 0);
+            let l2 = e & L1Entry::OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let Ok(rc) = self.stored_refcount(l2 / self.cluster_size) else {
+                continue;
+            };
+            if (rc == 1) != (e & L1Entry::COPIED != 0) {
+                self.corrupt(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+            let Some(t) = self.read(l2, self.cluster_size, "L2 table") else {
+                return;
+            };
+            for c in t.chunks_exact(es) {
+                let e = be64(c, 0);
+                if e & L2Entry::COMPRESSED != 0 {
+                    continue;
+                }
+                let off = e & L2Entry::OFFSET_MASK;
+                let allocated = off != 0 || (h.has_data_file() && e & L2Entry::COPIED != 0);
+                if !allocated {
+                    continue;
+                }
+                let rc = if h.has_data_file() {
+                    1
+                } else {
+                    match self.stored_refcount(off / self.cluster_size) {
+                        Ok(rc) => rc,
+                        Err(()) => continue,
+                    }
+                };
+                if (rc == 1) != (e & L2Entry::COPIED != 0) {
+                    self.corrupt(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, ()> {
+        let q = self.q;
+        let per_block = q.refcount_block_entries();
+        let Some(e) = q.refcount_table().get((cluster / per_block) as usize) else {
+            return Ok(0);
+        };
+        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        if off % self.cluster_size != 0 {
+            return Err(());
+        }
+        let b = self
+            .read(off, self.cluster_size, "refcount block")
+            .ok_or(())?;
+        Ok(refcount_in_block(
+            &b,
+            cluster % per_block,
+            q.header().refcount_order,
+        ))
+    }
+}
+
+impl Qcow2 {
+    /// Checks the image like `qemu-img check` (without repairing): every
+    /// reference from the header, active and snapshot L1/L2 tables,
+    /// refcount table and blocks, snapshot table and bitmaps is counted,
+    /// then compared with the stored refcounts.
+    ///
+    /// Memory: two bytes per cluster of the file, plus one table at a
+    /// time. The result's counters match `qemu-img check --output=json`.
+    pub fn check(&self) -> Result<CheckResult> {
+        let h = self.header();
+        let cluster_size = h.cluster_size();
+        let file_len = self.file_size().next_multiple_of(512);
+        let nb_clusters = file_len.div_ceil(cluster_size);
+        let bits = h.refcount_bits();
+        let mut c = Checker {
+            q: self,
+            res: CheckResult {
+                filename: self.path().to_string_lossy().into_owned(),
+                format: "qcow2",
+                total_clusters: h.size.next_multiple_of(512).div_ceil(cluster_size),
+                ..CheckResult::default()
+            },
+            counts: Counts {
+                small: vec![0; nb_clusters as usize],
+                big: HashMap::new(),
+            },
+            file_len,
+            cluster_size,
+            refcount_max: if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            },
+        };
+        // The header cluster.
+        c.inc(0, cluster_size);
+        c.l1(h.l1_table_offset.0, h.l1_size.into(), true);
+        let snapshots = match self.snapshots() {
+            Ok(s) => s,
+            Err(e) => {
+                c.res.check_errors += 1;
+                c.res.messages.push(format!("ERROR: {e}"));
+                Vec::new()
+            }
+        };
+        if h.has_data_file() && !snapshots.is_empty() {
+            c.corrupt(format!(
+                "ERROR {} snapshots in image with data file",
+                snapshots.len()
+            ));
+        }
+        for s in &snapshots {
+            c.l1(s.l1_table_offset.0, s.l1_size.into(), false);
+        }
+        let table_len: u64 = snapshots.iter().map(|s| s.entry_len).sum();
+        c.inc(h.snapshots_offset.0, table_len);
+        c.inc(h.refcount_table_offset.0, h.refcount_table_bytes());
+        c.bitmaps();
+        let nb = nb_clusters.max(c.counts.small.len() as u64);
+        c.refblocks(nb);
+        let nb = nb.max(c.counts.small.len() as u64);
+        let highest = c.compare(nb);
+        c.oflag_copied();
+        c.res.image_end_offset = (highest + 1) * cluster_size;
+        Ok(c.res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_spill_over_two_bytes() {
+        let mut c = Counts {
+            small: vec![0; 4],
+            big: HashMap::new(),
+        };
+        c.set(1, 65534);
+        assert_eq!(c.get(1), 65534);
+        c.set(1, 70000);
+        assert_eq!(c.get(1), 70000);
+        c.set(1, 3);
+        assert_eq!(c.get(1), 3);
+        assert_eq!(c.get(100), 0);
+        c.set(6, 1);
+        assert_eq!(c.get(6), 1);
+    }
+
+    #[test]
+    fn json_leaves_zero_counters_out() {
+        let r = CheckResult {
+            filename: "a.qcow2".into(),
+            format: "qcow2",
+            total_clusters: 16,
+            image_end_offset: 0x50000,
+            ..CheckResult::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"image-end-offset": 0x50000, "total-clusters": 16,
+                "check-errors": 0, "filename": "a.qcow2", "format": "qcow2"})
+        );
+        assert_eq!(r.exit_code(), 0);
+    }
+}

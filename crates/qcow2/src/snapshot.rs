@@ -1,0 +1,235 @@
+//! The internal snapshot table (qcow2.rst, "Snapshots").
+
+use crate::error::{Error, Result};
+use crate::header::MAX_L1_BYTES;
+use crate::image::{Qcow2, pread_within};
+use crate::types::{HostOffset, be16, be32, be64};
+
+/// qemu's cap on the extra data of one snapshot table entry.
+pub const MAX_EXTRA_DATA: u32 = 1024;
+/// qemu's cap on the whole snapshot table.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+
+/// The fixed 40 bytes of a snapshot table entry, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawSnapshotHeader {
+    /// Bytes 0-7: offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Bytes 8-11: entries in that L1 table.
+    pub l1_size: u32,
+    /// Bytes 12-13: length of the unique ID string.
+    pub id_str_size: u16,
+    /// Bytes 14-15: length of the name.
+    pub name_size: u16,
+    /// Bytes 16-19: seconds since the Epoch.
+    pub date_sec: u32,
+    /// Bytes 20-23: subsecond nanoseconds.
+    pub date_nsec: u32,
+    /// Bytes 24-31: guest run time in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Bytes 32-35: VM state size (superseded by extra data bytes 0-7).
+    pub vm_state_size: u32,
+    /// Bytes 36-39: size of the extra data.
+    pub extra_data_size: u32,
+}
+
+impl RawSnapshotHeader {
+    /// Size of the fixed part.
+    pub const LEN: usize = 40;
+
+    /// Decodes the fixed part; `b` holds at least 40 bytes.
+    pub fn decode(b: &[u8]) -> Self {
+        RawSnapshotHeader {
+            l1_table_offset: be64(b, 0),
+            l1_size: be32(b, 8),
+            id_str_size: be16(b, 12),
+            name_size: be16(b, 14),
+            date_sec: be32(b, 16),
+            date_nsec: be32(b, 20),
+            vm_clock_nsec: be64(b, 24),
+            vm_state_size: be32(b, 32),
+            extra_data_size: be32(b, 36),
+        }
+    }
+}
+
+/// A validated snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Offset of the snapshot's L1 table (cluster aligned, inside the file).
+    pub l1_table_offset: HostOffset,
+    /// Entries in that L1 table.
+    pub l1_size: u32,
+    /// Unique ID string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Seconds since the Epoch.
+    pub date_sec: u32,
+    /// Nanoseconds.
+    pub date_nsec: u32,
+    /// Guest run time in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Virtual disk size at the snapshot, when recorded.
+    pub disk_size: Option<u64>,
+    /// Record/replay instruction count, when recorded (and not -1).
+    pub icount: Option<u64>,
+    /// Bytes of extra data.
+    pub extra_data_size: u32,
+    /// Offset of this entry in the file.
+    pub entry_offset: HostOffset,
+    /// Length of this entry in bytes, padding included.
+    pub entry_len: u64,
+}
+
+fn bad(index: u32, offset: u64, problem: &'static str) -> Error {
+    Error::BadSnapshot {
+        index,
+        offset,
+        problem,
+    }
+}
+
+impl Snapshot {
+    /// Parses one entry from `b` (its whole bytes, or more). No I/O.
+    pub fn parse(
+        b: &[u8],
+        index: u32,
+        offset: u64,
+        cluster_bits: u32,
+        file_size: u64,
+    ) -> Result<Self> {
+        if b.len() < RawSnapshotHeader::LEN {
+            return Err(bad(index, offset, "truncated entry"));
+        }
+        let raw = RawSnapshotHeader::decode(b);
+        if raw.extra_data_size > MAX_EXTRA_DATA {
+            return Err(bad(index, offset, "extra data larger than 1024 bytes"));
+        }
+        let extra_at = RawSnapshotHeader::LEN;
+        let id_at = extra_at + raw.extra_data_size as usize;
+        let name_at = id_at + raw.id_str_size as usize;
+        let end = name_at + raw.name_size as usize;
+        if end > b.len() {
+            return Err(bad(index, offset, "truncated entry"));
+        }
+        let extra = &b[extra_at..id_at];
+        let vm_state_size = if extra.len() >= 8 {
+            be64(extra, 0)
+        } else {
+            raw.vm_state_size.into()
+        };
+        let disk_size = (extra.len() >= 16).then(|| be64(extra, 8));
+        let icount = (extra.len() >= 24)
+            .then(|| be64(extra, 16))
+            .filter(|&v| v != u64::MAX);
+        if raw.l1_table_offset % (1 << cluster_bits) != 0 {
+            return Err(bad(index, offset, "L1 table offset not cluster aligned"));
+        }
+        let l1_bytes = u64::from(raw.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(bad(index, offset, "L1 table larger than 32 MiB"));
+        }
+        if raw.l1_table_offset.saturating_add(l1_bytes) > file_size {
+            return Err(bad(
+                index,
+                offset,
+                "L1 table lies beyond the end of the file",
+            ));
+        }
+        let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
+        Ok(Snapshot {
+            l1_table_offset: HostOffset(raw.l1_table_offset),
+            l1_size: raw.l1_size,
+            id: text(&b[id_at..name_at]),
+            name: text(&b[name_at..end]),
+            date_sec: raw.date_sec,
+            date_nsec: raw.date_nsec,
+            vm_clock_nsec: raw.vm_clock_nsec,
+            vm_state_size,
+            disk_size,
+            icount,
+            extra_data_size: raw.extra_data_size,
+            entry_offset: HostOffset(offset),
+            entry_len: (end as u64).next_multiple_of(8),
+        })
+    }
+}
+
+impl Qcow2 {
+    /// The internal snapshots, read entry by entry from the snapshot table.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let h = self.header();
+        let mut out = Vec::new();
+        let mut off = h.snapshots_offset.0;
+        // Longest possible entry: fixed part, extra data, two u16 strings.
+        let max_entry = RawSnapshotHeader::LEN + MAX_EXTRA_DATA as usize + 2 * 65535 + 8;
+        let mut buf = Vec::new();
+        for i in 0..h.nb_snapshots {
+            if off - h.snapshots_offset.0 > MAX_TABLE_BYTES {
+                return Err(bad(i, off, "snapshot table larger than 64 MiB"));
+            }
+            let mut fixed = [0u8; RawSnapshotHeader::LEN];
+            pread_within(
+                self.file(),
+                self.file_size(),
+                &mut fixed,
+                off,
+                "snapshot table",
+            )?;
+            let raw = RawSnapshotHeader::decode(&fixed);
+            let len = (RawSnapshotHeader::LEN
+                + raw.extra_data_size.min(MAX_EXTRA_DATA + 1) as usize
+                + raw.id_str_size as usize
+                + raw.name_size as usize)
+                .min(max_entry);
+            buf.resize(len, 0);
+            pread_within(
+                self.file(),
+                self.file_size(),
+                &mut buf,
+                off,
+                "snapshot table",
+            )?;
+            let s = Snapshot::parse(&buf, i, off, h.cluster_bits, self.file_size())?;
+            off += s.entry_len;
+            out.push(s);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_entry_with_extra_data() {
+        let mut b = vec![
+            0, 0, 0, 0, 0, 6, 0, 0, // l1_table_offset 0x60000
+            0, 0, 0, 1, // l1_size 1
+            0, 1, // id_str_size
+            0, 2, // name_size
+            0x6a, 0, 0, 0, // date_sec
+            0, 0, 0, 5, // date_nsec
+            0, 0, 0, 0, 0, 0, 0, 9, // vm_clock_nsec
+            0, 0, 0, 0, // vm_state_size (32-bit)
+            0, 0, 0, 24, // extra_data_size
+            0, 0, 0, 0, 0, 0, 0, 0, // extra: vm_state_size (64-bit)
+            0, 0, 0, 0, 0, 0x10, 0, 0, // extra: disk size 1 MiB
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, // extra: icount -1
+            b'1', b's', b'n', // id "1", name "sn"
+        ];
+        b.resize(72, 0);
+        let s = Snapshot::parse(&b, 0, 0x1000, 16, 1 << 20).unwrap();
+        assert_eq!(s.id, "1");
+        assert_eq!(s.name, "sn");
+        assert_eq!(s.disk_size, Some(1 << 20));
+        assert_eq!(s.icount, None);
+        assert_eq!(s.entry_len, 72);
+        assert!(Snapshot::parse(&b, 0, 0x1000, 16, 0x60000).is_err());
+        assert!(Snapshot::parse(&b[..60], 0, 0x1000, 16, 1 << 20).is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! Newtypes for the two kinds of byte offsets a qcow2 image deals with.
+
+use std::fmt;
+
+/// A byte offset into the virtual disk the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestOffset(pub u64);
+
+/// A byte offset into a host file: the qcow2 image file itself, or its
+/// external data file for guest data clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostOffset(pub u64);
+
+impl fmt::Display for GuestOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest {:#x}", self.0)
+    }
+}
+
+impl fmt::Display for HostOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host {:#x}", self.0)
+    }
+}
+
+impl fmt::LowerHex for GuestOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for HostOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// Reads a big-endian `u32` at `at`; the caller has checked the length.
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Reads a big-endian `u64` at `at`; the caller has checked the length.
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads a big-endian `u16` at `at`; the caller has checked the length.
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_print_in_hex() {
+        assert_eq!(GuestOffset(0x10000).to_string(), "guest 0x10000");
+        assert_eq!(format!("{:#x}", HostOffset(4096)), "0x1000");
+    }
+
+    #[test]
+    fn big_endian_readers() {
+        let b = [0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3];
+        assert_eq!(be32(&b, 0), 0x5146_49fb);
+        assert_eq!(be16(&b, 6), 3);
+        assert_eq!(be64(&b, 0), 0x5146_49fb_0000_0003);
+    }
+}

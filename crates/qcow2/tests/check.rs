@@ -1,0 +1,170 @@
+//! `Qcow2::check` against `qemu-img check --output=json`, on clean
+//! images and on images damaged by poking bytes.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::Dir;
+use sparsekit_qcow2::Qcow2;
+
+/// `qemu-img check --output=json` and its exit status (non-zero when it
+/// finds something).
+fn qemu_check(image: &Path) -> (serde_json::Value, i32) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(image)
+        // qemu opens a relative data file name from its working directory.
+        .current_dir(image.parent().unwrap())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-img ({e}): install the Debian package qemu-utils")
+        });
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.code().unwrap())
+}
+
+fn assert_check(image: &Path) -> sparsekit_qcow2::CheckResult {
+    let r = Qcow2::open(image).unwrap().check().unwrap();
+    let (theirs, code) = qemu_check(image);
+    assert_eq!(
+        serde_json::to_value(&r).unwrap(),
+        theirs,
+        "check of {}: {:#?}",
+        image.display(),
+        r.messages
+    );
+    assert_eq!(r.exit_code(), code);
+    r
+}
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+fn peek64(path: &Path, offset: u64) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    u64::from_be_bytes(b)
+}
+
+const WRITES: &[&str] = &[
+    "write -P 1 0 128k",
+    "write -c -P 2 1M 64k",
+    "write -c -P 3 1088k 64k",
+    "write -P 3 2M 64k",
+    "write -z 3M 64k",
+    "write -P 4 3200k 64k",
+    "write -z 3200k 64k",
+];
+
+#[test]
+fn clean_images() {
+    let d = Dir::new();
+    for (name, opts) in [
+        ("plain.qcow2", ""),
+        ("v2.qcow2", "compat=0.10"),
+        ("rc1.qcow2", "refcount_bits=1"),
+        ("rc64.qcow2", "refcount_bits=64,cluster_size=4k"),
+        ("ext.qcow2", "extended_l2=on"),
+        ("zstd.qcow2", "compression_type=zstd,cluster_size=512"),
+        ("meta.qcow2", "preallocation=metadata"),
+    ] {
+        d.create(name, opts, "4M");
+        // Compressed writes need unallocated clusters.
+        let writes: Vec<&str> = WRITES
+            .iter()
+            .copied()
+            .filter(|w| name != "meta.qcow2" || !w.contains("-c"))
+            .collect();
+        d.io(name, &writes);
+        let r = assert_check(&d.path(name));
+        assert_eq!(r.exit_code(), 0, "{name}");
+    }
+    assert_check(&d.path("empty.qcow2").with_file_name({
+        d.create("empty.qcow2", "", "1M");
+        "empty.qcow2"
+    }));
+}
+
+#[test]
+fn snapshots_bitmaps_and_data_file() {
+    let d = Dir::new();
+    d.create("a.qcow2", "", "4M");
+    d.img(&["bitmap", "--add", "a.qcow2", "b1"]);
+    d.img(&["bitmap", "--add", "-g", "4k", "a.qcow2", "b2"]);
+    d.io("a.qcow2", WRITES);
+    d.img(&["snapshot", "-c", "s1", "a.qcow2"]);
+    d.io("a.qcow2", &["write -P 9 0 64k", "write -P 9 3M 64k"]);
+    d.img(&["snapshot", "-c", "s2", "a.qcow2"]);
+    d.io("a.qcow2", &["write -P 8 64k 64k"]);
+    assert_check(&d.path("a.qcow2"));
+
+    d.create("d.qcow2", "data_file=d.data", "4M");
+    d.io("d.qcow2", &["write -P 1 0 128k", "write -z 3M 64k"]);
+    assert_check(&d.path("d.qcow2"));
+}
+
+/// A 4 MiB image with data clusters; returns its L2 table offset.
+fn damaged(d: &Dir) -> (std::path::PathBuf, u64) {
+    let p = d.create("a.qcow2", "", "4M");
+    d.io("a.qcow2", &["write -P 1 0 192k", "write -P 2 1M 64k"]);
+    let l1 = peek64(&p, 40);
+    (p.clone(), peek64(&p, l1) & 0x00ff_ffff_ffff_fe00)
+}
+
+#[test]
+fn leaked_cluster_by_refcount_bump() {
+    let d = Dir::new();
+    let (p, _) = damaged(&d);
+    // A refcount for the cluster after the last one in use.
+    let rt = peek64(&p, 48);
+    let rb = peek64(&p, rt);
+    let len = std::fs::metadata(&p).unwrap().len();
+    let last = len / 65536 - 1;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len + 65536).unwrap();
+    poke(&p, rb + 2 * (last + 1), &1u16.to_be_bytes());
+    let r = assert_check(&p);
+    assert_eq!((r.leaks, r.corruptions), (1, 0));
+    assert_eq!(r.exit_code(), 3);
+}
+
+#[test]
+fn l2_entry_pointing_past_the_end() {
+    let d = Dir::new();
+    let (p, l2) = damaged(&d);
+    poke(&p, l2 + 8, &0x8000_0000_4000_0000u64.to_be_bytes());
+    let r = assert_check(&p);
+    assert!(r.corruptions > 0);
+}
+
+#[test]
+fn two_l2_entries_sharing_a_cluster() {
+    let d = Dir::new();
+    let (p, l2) = damaged(&d);
+    let first = peek64(&p, l2);
+    poke(&p, l2 + 16, &first.to_be_bytes());
+    let r = assert_check(&p);
+    assert!(r.corruptions > 0 && r.leaks > 0);
+}
+
+#[test]
+fn reserved_bits_and_copied_flag() {
+    let d = Dir::new();
+    let (p, l2) = damaged(&d);
+    let e = peek64(&p, l2);
+    poke(&p, l2, &(e | 1 << 57).to_be_bytes());
+    let e = peek64(&p, l2 + 8);
+    poke(&p, l2 + 8, &(e & !(1 << 63)).to_be_bytes());
+    assert_check(&p);
+}
