@@ -186,7 +186,7 @@ pub fn parse_directory(
                 raw.extra_data_size.into(),
             ));
         }
-        if raw.table_offset % cluster_size != 0 || raw.table_offset == 0 {
+        if !raw.table_offset.is_multiple_of(cluster_size) || raw.table_offset == 0 {
             return Err(bad(
                 &name,
                 "bitmap_table_offset is not cluster aligned",
@@ -313,14 +313,14 @@ impl Qcow2 {
     /// `qemu:dirty-bitmap:NAME` context. Reads one bitmap cluster at a
     /// time.
     pub fn dirty_ranges(&self, name: &str) -> Result<DirtyRanges<'_>> {
-        if let Some(ext) = self.header().bitmaps {
-            if !ext.consistent {
-                return Err(bad(
-                    name,
-                    "the bitmaps extension is inconsistent (auto-clear bit 0 is clear)",
-                    self.header().autoclear_features,
-                ));
-            }
+        if let Some(ext) = self.header().bitmaps
+            && !ext.consistent
+        {
+            return Err(bad(
+                name,
+                "the bitmaps extension is inconsistent (auto-clear bit 0 is clear)",
+                self.header().autoclear_features,
+            ));
         }
         let b = self
             .bitmaps()?
@@ -433,7 +433,7 @@ impl DirtyRanges<'_> {
             while self.bit < self.bits_in_cluster {
                 let b = self.bit;
                 let byte = self.cluster[(b / 8) as usize];
-                if b % 8 == 0 && byte == 0 {
+                if b.is_multiple_of(8) && byte == 0 {
                     self.bit += 8;
                     continue;
                 }

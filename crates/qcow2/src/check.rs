@@ -183,7 +183,7 @@ impl Checker<'_> {
             }
             let l2 = e & L1Entry::OFFSET_MASK;
             self.inc(l2, self.cluster_size);
-            if l2 % self.cluster_size != 0 {
+            if !l2.is_multiple_of(self.cluster_size) {
                 self.corrupt(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -265,7 +265,7 @@ impl Checker<'_> {
                     "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                 ));
             }
-            if off % self.cluster_size != 0 {
+            if !off.is_multiple_of(self.cluster_size) {
                 self.corrupt(format!(
                     "ERROR offset={off:x}: cluster is not properly aligned; L2 entry corrupted."
                 ));
@@ -339,7 +339,7 @@ impl Checker<'_> {
                 continue;
             }
             let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-            if off % self.cluster_size != 0 {
+            if !off.is_multiple_of(self.cluster_size) {
                 self.corrupt(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
@@ -379,7 +379,7 @@ impl Checker<'_> {
                         let off = e.0 & RefcountTableEntry::OFFSET_MASK;
                         if off == 0 {
                             None
-                        } else if off % self.cluster_size != 0 {
+                        } else if !off.is_multiple_of(self.cluster_size) {
                             Some(Vec::new())
                         } else {
                             Some(
@@ -483,7 +483,7 @@ impl Checker<'_> {
         if off == 0 {
             return Ok(0);
         }
-        if off % self.cluster_size != 0 {
+        if !off.is_multiple_of(self.cluster_size) {
             return Err(());
         }
         let b = self

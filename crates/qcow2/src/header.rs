@@ -450,7 +450,7 @@ impl Header {
                     data_file = Some(string(data).ok_or_else(|| ext_err("name is not UTF-8"))?);
                 }
                 ext::FEATURE_NAMES => {
-                    if data.len() % 48 != 0 {
+                    if !data.len().is_multiple_of(48) {
                         return Err(ext_err("length is not a multiple of 48"));
                     }
                     for e in data.chunks_exact(48) {
@@ -491,7 +491,7 @@ impl Header {
                     {
                         return Err(ext_err("bitmap_directory_size out of range"));
                     }
-                    if directory_offset % cluster_size != 0 || directory_offset == 0 {
+                    if !directory_offset.is_multiple_of(cluster_size) || directory_offset == 0 {
                         return Err(ext_err("bitmap_directory_offset is not cluster aligned"));
                     }
                     bitmaps = Some(BitmapsExtension {

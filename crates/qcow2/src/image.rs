@@ -549,10 +549,10 @@ impl Qcow2 {
             .compressed_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some((o, d)) = &*c {
-            if *o == host.0 {
-                return Ok(d.clone());
-            }
+        if let Some((o, d)) = &*c
+            && *o == host.0
+        {
+            return Ok(d.clone());
         }
         // `size` is at most a cluster plus a sector by construction.
         let mut input = vec![0; size as usize];

@@ -125,7 +125,7 @@ impl Snapshot {
         let icount = (extra.len() >= 24)
             .then(|| be64(extra, 16))
             .filter(|&v| v != u64::MAX);
-        if raw.l1_table_offset % (1 << cluster_bits) != 0 {
+        if !raw.l1_table_offset.is_multiple_of(1 << cluster_bits) {
             return Err(bad(index, offset, "L1 table offset not cluster aligned"));
         }
         let l1_bytes = u64::from(raw.l1_size) * 8;

@@ -68,7 +68,7 @@ fn mutated_images_return_errors_not_panics() {
         let mut img = pristine.clone();
         let flips = 1 + rng.next() % 4;
         for _ in 0..flips {
-            let span = if rng.next() % 4 == 0 {
+            let span = if rng.next().is_multiple_of(4) {
                 img.len() as u64
             } else {
                 (64 << 10).min(img.len() as u64)
