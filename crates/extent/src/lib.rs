@@ -47,6 +47,7 @@ use std::ops::Range;
 
 mod check;
 mod ops;
+pub mod qemu;
 
 pub use check::{MapChecker, MapError, check_map};
 pub use ops::{Clip, Coalesce, ExtentIterExt, Intersect, intersect};

@@ -9,6 +9,8 @@
 //!   `compressed`, `offset`).
 
 use serde::Serialize;
+pub use sparsekit_extent::qemu::MapEntry as QemuImgMapEntry;
+use sparsekit_extent::qemu::merge_entries;
 use sparsekit_extent::{Extent, Kind};
 
 /// `base:allocation` bit 0: the extent is a hole (not allocated).
@@ -146,30 +148,6 @@ pub fn nbdinfo_map(
     out
 }
 
-/// One entry of `qemu-img map --output=json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct QemuImgMapEntry {
-    /// First guest byte.
-    pub start: u64,
-    /// Number of bytes.
-    pub length: u64,
-    /// Depth in the backing chain; always 0 for an NBD export, which qemu
-    /// sees as a single protocol node.
-    pub depth: u64,
-    /// Allocated (qemu's `BDRV_BLOCK_ALLOCATED`): data or known zeros.
-    pub present: bool,
-    /// Reads as zeros.
-    pub zero: bool,
-    /// Allocated with data (`NBD_STATE_HOLE` clear).
-    pub data: bool,
-    /// Never true for NBD.
-    pub compressed: bool,
-    /// The "host" offset: for NBD qemu reports the guest offset itself,
-    /// and only for present extents.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
-}
-
 /// What `qemu-img map --output=json` prints for one `base:allocation`
 /// extent of an NBD export (learned from qemu 10 against qemu-nbd and
 /// nbdkit): `data` is `!HOLE`, `zero` is `ZERO`, `present` is
@@ -194,29 +172,7 @@ pub fn qemu_img_map_entry(e: &StatusExtent) -> QemuImgMapEntry {
 /// merging neighbours the way qemu-img does: equal flags and, where an
 /// offset is printed, contiguous offsets.
 pub fn qemu_img_map(extents: impl IntoIterator<Item = StatusExtent>) -> Vec<QemuImgMapEntry> {
-    let mut out: Vec<QemuImgMapEntry> = Vec::new();
-    for e in extents {
-        let next = qemu_img_map_entry(&e);
-        if let Some(last) = out.last_mut() {
-            let same = last.depth == next.depth
-                && last.present == next.present
-                && last.zero == next.zero
-                && last.data == next.data
-                && last.compressed == next.compressed
-                && last.start + last.length == next.start
-                && match (last.offset, next.offset) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => a + last.length == b,
-                    _ => false,
-                };
-            if same {
-                last.length += next.length;
-                continue;
-            }
-        }
-        out.push(next);
-    }
-    out
+    merge_entries(extents.into_iter().map(|e| qemu_img_map_entry(&e)))
 }
 
 #[cfg(test)]

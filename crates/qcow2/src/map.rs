@@ -2,92 +2,11 @@
 
 use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
-use sparsekit_extent::{Extent, Kind};
+use sparsekit_extent::Extent;
+pub use sparsekit_extent::qemu::{MapEntry, merge_entries};
 
 use crate::chain::Image;
 use crate::error::{Error, Result};
-
-/// One entry of `qemu-img map --output=json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MapEntry {
-    /// First guest byte.
-    pub start: u64,
-    /// Number of bytes.
-    pub length: u64,
-    /// Layer of the chain that decides the content (0 = the image).
-    pub depth: u64,
-    /// Whether that layer has it allocated (data or zero).
-    pub present: bool,
-    /// Reads as zeros.
-    pub zero: bool,
-    /// Holds data (may be zeros too, when qemu knows the host range is a
-    /// hole).
-    pub data: bool,
-    /// Compressed cluster.
-    pub compressed: bool,
-    /// Host offset in the layer's file (or data file), when known.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub offset: Option<u64>,
-}
-
-impl MapEntry {
-    /// One past the last byte.
-    pub fn end(&self) -> u64 {
-        self.start + self.length
-    }
-
-    /// Whether `next` continues this entry with every field the same (and
-    /// the host offset contiguous): qemu-img's `entry_mergeable`.
-    pub fn mergeable(&self, next: &MapEntry) -> bool {
-        self.end() == next.start
-            && self.depth == next.depth
-            && self.present == next.present
-            && self.zero == next.zero
-            && self.data == next.data
-            && self.compressed == next.compressed
-            && match (self.offset, next.offset) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
-                _ => false,
-            }
-    }
-
-    /// The extent vocabulary's view: data that is not known to be zero is
-    /// [`Kind::Data`]; zeros allocated in some layer are [`Kind::Zero`];
-    /// zeros allocated nowhere are [`Kind::Hole`].
-    pub fn kind(&self) -> Kind {
-        if self.data && !self.zero {
-            Kind::Data
-        } else if self.present {
-            Kind::Zero
-        } else {
-            Kind::Hole
-        }
-    }
-
-    /// This entry as an [`Extent`].
-    pub fn to_extent(&self) -> Extent {
-        Extent {
-            offset: self.start,
-            length: self.length,
-            kind: self.kind(),
-        }
-    }
-}
-
-/// Merges neighbours that agree on every field (the canonical form in
-/// which two maps of the same image compare equal).
-pub fn merge_entries(entries: impl IntoIterator<Item = MapEntry>) -> Vec<MapEntry> {
-    let mut out: Vec<MapEntry> = Vec::new();
-    for e in entries {
-        match out.last_mut() {
-            Some(p) if p.mergeable(&e) => p.length += e.length,
-            _ => out.push(e),
-        }
-    }
-    out
-}
 
 /// Iterator over the map of a guest range, returned by [`Image::map`].
 ///
@@ -186,6 +105,7 @@ impl Iterator for MapIter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sparsekit_extent::Kind;
 
     fn e(start: u64, length: u64, data: bool, offset: Option<u64>) -> MapEntry {
         MapEntry {
