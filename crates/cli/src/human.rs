@@ -111,8 +111,9 @@ impl<W: Write> Table<W> {
     }
 
     /// One line: offset, length in bytes and in units, kind, and the host
-    /// offset where there is one.
-    pub fn row(&mut self, e: &Extent, host: Option<u64>) -> io::Result<()> {
+    /// offset where there is one (with the backing layer it is in, when
+    /// `depth > 0`).
+    pub fn row(&mut self, e: &Extent, host: Option<u64>, depth: u64) -> io::Result<()> {
         self.totals.add(e);
         write!(
             self.out,
@@ -126,6 +127,9 @@ impl<W: Write> Table<W> {
             match host {
                 Some(h) => write!(self.out, "  {h:>#16x}")?,
                 None => write!(self.out, "  {:>16}", "-")?,
+            }
+            if depth > 0 {
+                write!(self.out, "  in backing file {depth}")?;
             }
         }
         writeln!(self.out)
@@ -204,7 +208,7 @@ mod tests {
     #[test]
     fn table_and_summary() {
         let mut t = Table::new(Vec::new(), false).unwrap();
-        t.row(&Extent::new(0, 65536, Kind::Data), None).unwrap();
+        t.row(&Extent::new(0, 65536, Kind::Data), None, 0).unwrap();
         t.row(&Extent::new(65536, 196608, Kind::Hole), None)
             .unwrap();
         let (out, totals) = t.into_inner();

@@ -18,6 +18,8 @@
 
 pub mod exit;
 pub mod human;
+pub mod info;
+pub mod nbdinfo;
 pub mod prefetch;
 pub mod progress;
 pub mod qemu;

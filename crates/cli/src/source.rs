@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use sparsekit_fiemap::Mapper;
 
 /// The magic at offset 0 of every qcow2 image: `QFI\xfb`.
@@ -50,6 +50,8 @@ pub fn probe_format(path: &Path) -> anyhow::Result<Format> {
 pub enum Source {
     /// A raw file or block device.
     Raw(Mapper),
+    /// A qcow2 image with its backing chain.
+    Qcow2(sparsekit_qcow2::Image),
 }
 
 /// Opens the local file or device `path` as `format`, or as the format its
@@ -65,11 +67,38 @@ pub fn open_local(path: &Path, format: Option<Format>) -> anyhow::Result<Source>
     };
     match format {
         Format::Raw => Ok(Source::Raw(mapper)),
-        Format::Qcow2 => bail!(
-            "{}: qcow2 images are not readable by this build yet; \
-             `--format raw` maps the file itself",
-            path.display()
-        ),
+        Format::Qcow2 => Ok(Source::Qcow2(sparsekit_qcow2::Image::open(path)?)),
+    }
+}
+
+/// The (device, inode) of every file `source` reads: a copy must not
+/// write to any of them.
+pub fn file_ids(source: &Source) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let paths: Vec<&Path> = match source {
+        Source::Raw(m) => vec![m.path()],
+        Source::Qcow2(img) => img
+            .layers()
+            .iter()
+            .map(|l| l.path())
+            .chain(img.layers().iter().filter_map(|l| match l {
+                sparsekit_qcow2::Layer::Qcow2(q) => q.data_file_path(),
+                sparsekit_qcow2::Layer::Raw(_) => None,
+            }))
+            .collect(),
+    };
+    paths
+        .into_iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect()
+}
+
+/// The copy engine's view of an opened source.
+pub fn into_copy_source(source: Source, path: &Path) -> Box<dyn sparsekit_copy::Source> {
+    match source {
+        Source::Raw(m) => Box::new(sparsekit_copy::RawSource::new(m)),
+        Source::Qcow2(img) => Box::new(sparsekit_copy::Qcow2Source::new(img, path)),
     }
 }
 

@@ -2,8 +2,8 @@
 //! data, from a [`Source`] to a [`Sink`], in parallel, in bounded memory.
 //!
 //! - [`Source`]: size, a stream of extents, `read_at`; implemented here for
-//!   raw files and block devices ([`RawSource`]), by the qcow2 and NBD
-//!   crates' adapters elsewhere.
+//!   raw files and block devices ([`RawSource`]) and qcow2 images with
+//!   their backing chains ([`Qcow2Source`]).
 //! - [`Sink`]: a regular file (created or truncated to size: holes are
 //!   left where the source has no data, punched where an existing file held
 //!   some) or a block device (zero ranges with BLKZEROOUT, or skipped when
@@ -31,7 +31,7 @@
 //! f.write_all_at(b"hello", 1 << 20)?;
 //!
 //! let source = RawSource::open(&src)?;
-//! let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, None)?;
+//! let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[])?;
 //! let stats = copy(&source, &sink, &CopyOptions::default(), &NoProgress, &AtomicBool::new(false))?;
 //! assert_eq!(stats.data_written, 4096);
 //! assert_eq!(std::fs::read(&dst)?, std::fs::read(&src)?);
@@ -46,10 +46,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use sparsekit_extent::{Extent, ExtentIterExt, Kind, MapChecker, MapError};
 
+mod qcow2;
 mod sink;
 mod source;
 mod sys;
 
+pub use qcow2::Qcow2Source;
 pub use sink::{DestKind, DestMode, Sink};
 pub use source::{ExtentStream, RawReadError, RawSource, Source, SourceError};
 

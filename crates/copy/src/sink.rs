@@ -52,16 +52,16 @@ pub struct Sink {
 impl Sink {
     /// Opens `path` for a copy that writes bytes `[0, end)` of it.
     ///
-    /// `source_id` is the (device, inode) of the source, if it is a local
-    /// file: the destination is refused when it is the same file, before
-    /// anything is truncated. `dest_is_zero` says a block device (or an
+    /// `source_ids` are the (device, inode) pairs of the files the source
+    /// reads (an image, its backing files, its data file): the destination
+    /// is refused when it is one of them, before anything is truncated. `dest_is_zero` says a block device (or an
     /// existing file in [`DestMode::Update`]) already reads as zeros.
     pub fn open(
         path: &Path,
         end: u64,
         mode: DestMode,
         dest_is_zero: bool,
-        source_id: Option<(u64, u64)>,
+        source_ids: &[(u64, u64)],
     ) -> Result<Self, Error> {
         let err = |what: &'static str| {
             let path = path.to_owned();
@@ -73,7 +73,7 @@ impl Sink {
             Err(e) => return Err(err("examining")(e)),
         };
         if let Some(m) = &existing {
-            if source_id == Some((m.dev(), m.ino())) {
+            if source_ids.contains(&(m.dev(), m.ino())) {
                 return Err(Error::SameFile {
                     path: path.to_owned(),
                 });

@@ -33,7 +33,7 @@ fn run(
     mode: DestMode,
 ) -> Result<sparsekit_copy::CopyStats, sparsekit_copy::Failed> {
     let source = RawSource::open(src).unwrap();
-    let sink = Sink::open(dst, dest_end(&source, opts), mode, false, None).unwrap();
+    let sink = Sink::open(dst, dest_end(&source, opts), mode, false, &[]).unwrap();
     copy(&source, &sink, opts, &NoProgress, &AtomicBool::new(false))
 }
 
@@ -211,7 +211,7 @@ fn stop_flag_stops_before_any_work_and_says_where() {
     let src = make(dir.path(), &l);
     let source = RawSource::open(&src).unwrap();
     let dst = dir.path().join("dst.raw");
-    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, None).unwrap();
+    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[]).unwrap();
     let e = copy(
         &source,
         &sink,
@@ -246,7 +246,7 @@ fn source_truncated_during_copy_is_an_error() {
         .set_len(1 << 20)
         .unwrap();
     let dst = dir.path().join("dst.raw");
-    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, None).unwrap();
+    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[]).unwrap();
     let opts = CopyOptions {
         jobs: 1,
         chunk_size: 1 << 20,
@@ -277,7 +277,7 @@ fn same_file_is_refused_before_truncating() {
     let src = dir.path().join("a.raw");
     std::fs::write(&src, b"precious").unwrap();
     let m = std::fs::metadata(&src).unwrap();
-    let e = Sink::open(&src, 8, DestMode::Replace, false, Some((m.dev(), m.ino()))).unwrap_err();
+    let e = Sink::open(&src, 8, DestMode::Replace, false, &[(m.dev(), m.ino())]).unwrap_err();
     assert!(matches!(e, Error::SameFile { .. }));
     assert_eq!(std::fs::read(&src).unwrap(), b"precious");
 }

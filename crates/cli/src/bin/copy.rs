@@ -1,7 +1,6 @@
 //! `copy SOURCE DEST`: copy a disk image's data, and only its data.
 
 use std::io::IsTerminal;
-use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -9,11 +8,9 @@ use anyhow::Context;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{format_size, parse_size};
 use sparsekit_cli::progress::Bar;
-use sparsekit_cli::source::{self, Format, Source as Opened};
+use sparsekit_cli::source::{self, Format};
 use sparsekit_cli::sys::stop_on_signals;
-use sparsekit_copy::{
-    CopyOptions, DestMode, Method, RawSource, Sink, Source, copy, dest_end, verify,
-};
+use sparsekit_copy::{CopyOptions, DestMode, Method, RawSource, Sink, copy, dest_end, verify};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -23,7 +20,8 @@ use sparsekit_copy::{
 #[derive(Debug, clap::Parser)]
 #[command(name = "copy", version)]
 struct Args {
-    /// A regular file or block device; its format is detected by magic.
+    /// A regular file, block device or qcow2 image; the format is detected
+    /// by magic.
     source: String,
     /// A regular file (created or truncated) or a block device.
     dest: String,
@@ -88,9 +86,10 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
     let path = source::local_path(&args.source);
-    let Opened::Raw(mapper) = source::open_local(&path, args.format)?;
-    let source_id = mapper.file().metadata().ok().map(|m| (m.dev(), m.ino()));
-    let source = RawSource::new(mapper);
+    let opened = source::open_local(&path, args.format)?;
+    let source_ids = source::file_ids(&opened);
+    let source = source::into_copy_source(opened, &path);
+    let source = source.as_ref();
 
     anyhow::ensure!(
         args.chunk_size >= 4096 && args.chunk_size <= 1 << 30,
@@ -120,16 +119,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dest = source::local_path(&args.dest);
     let sink = Sink::open(
         &dest,
-        dest_end(&source, &opts),
+        dest_end(source, &opts),
         mode,
         args.dest_is_zero,
-        source_id,
+        &source_ids,
     )?;
 
     let show = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
     let t = Instant::now();
     let bar = Bar::new(show, "copy");
-    let stats = copy(&source, &sink, &opts, &bar, stop);
+    let stats = copy(source, &sink, &opts, &bar, stop);
     bar.finish();
     let stats = stats.with_context(|| format!("{} -> {}", source.name(), dest.display()))?;
     let secs = t.elapsed().as_secs_f64();
@@ -146,7 +145,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.verify {
         let dest_src = RawSource::open(&dest)?;
         let bar = Bar::new(show, "verify");
-        let r = verify(&source, &dest_src, &opts, &bar, stop);
+        let r = verify(source, &dest_src, &opts, &bar, stop);
         bar.finish();
         r.with_context(|| format!("verifying {} against {}", dest.display(), source.name()))?;
         eprintln!(

@@ -1,0 +1,131 @@
+//! `qcow2-info`'s human output, in the style of `qemu-img info` and
+//! `qemu-img check`.
+
+use std::io::{self, Write};
+
+use serde_json::Value;
+use sparsekit_qcow2::CheckResult;
+
+use crate::human::format_size;
+
+/// Writes a JSON value the way qemu-img prints its "Format specific
+/// information": `key: value` lines with dashes in keys turned to spaces,
+/// objects and arrays nested four spaces deeper, array items as `[i]:`.
+pub fn write_tree(w: &mut impl Write, v: &Value, indent: usize) -> io::Result<()> {
+    let pad = " ".repeat(indent);
+    let item = |w: &mut dyn Write, label: &str, v: &Value| -> io::Result<()> {
+        match v {
+            Value::Object(_) | Value::Array(_) => {
+                writeln!(w, "{pad}{label}:")?;
+                let mut buf = Vec::new();
+                write_tree(&mut buf, v, indent + 4)?;
+                w.write_all(&buf)
+            }
+            Value::String(s) => writeln!(w, "{pad}{label}: {s}"),
+            other => writeln!(w, "{pad}{label}: {other}"),
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                item(w, &k.replace('-', " "), v)?;
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                item(w, &format!("[{i}]"), v)?;
+            }
+        }
+        other => writeln!(w, "{pad}{other}")?,
+    }
+    Ok(())
+}
+
+/// The allocation object `qcow2-info --json` adds to qemu-img's fields.
+pub fn allocation(clusters: u64, allocated: u64, cluster_size: u64) -> Value {
+    serde_json::json!({
+        "clusters": clusters,
+        "allocated-clusters": allocated,
+        "allocated-bytes": allocated * cluster_size,
+    })
+}
+
+/// What `qemu-img check` prints for a result (human output).
+pub fn write_check(w: &mut impl Write, r: &CheckResult) -> io::Result<()> {
+    for m in &r.messages {
+        writeln!(w, "{m}")?;
+    }
+    if r.corruptions > 0 {
+        writeln!(
+            w,
+            "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+            r.corruptions
+        )?;
+    }
+    if r.leaks > 0 {
+        writeln!(
+            w,
+            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+            r.leaks
+        )?;
+    }
+    if r.check_errors > 0 {
+        writeln!(
+            w,
+            "\n{} internal errors have occurred during the check.",
+            r.check_errors
+        )?;
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        writeln!(w, "No errors were found on the image.")?;
+    }
+    if r.total_clusters > 0 {
+        let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
+        let of_alloc = |n: u64| {
+            if r.allocated_clusters == 0 {
+                0.0
+            } else {
+                n as f64 * 100.0 / r.allocated_clusters as f64
+            }
+        };
+        writeln!(
+            w,
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            pct(r.allocated_clusters),
+            of_alloc(r.fragmented_clusters),
+            of_alloc(r.compressed_clusters)
+        )?;
+    }
+    if r.image_end_offset > 0 {
+        writeln!(w, "Image end offset: {}", r.image_end_offset)?;
+    }
+    Ok(())
+}
+
+/// `virtual size: 4 MiB (4194304 bytes)`.
+pub fn size_line(label: &str, n: u64) -> String {
+    format!("{label}: {} ({n} bytes)", format_size(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_like_qemu_img() {
+        let v = serde_json::json!({
+            "compat": "1.1",
+            "lazy-refcounts": false,
+            "bitmaps": [{"flags": ["auto"], "name": "bm0", "granularity": 65536}],
+            "refcount-bits": 16,
+        });
+        let mut out = Vec::new();
+        write_tree(&mut out, &v, 4).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "    compat: 1.1\n    lazy refcounts: false\n    bitmaps:\n        [0]:\n            flags:\n                [0]: auto\n            name: bm0\n            granularity: 65536\n    refcount bits: 16\n"
+        );
+    }
+}
