@@ -209,7 +209,7 @@ mod tests {
     fn table_and_summary() {
         let mut t = Table::new(Vec::new(), false).unwrap();
         t.row(&Extent::new(0, 65536, Kind::Data), None, 0).unwrap();
-        t.row(&Extent::new(65536, 196608, Kind::Hole), None)
+        t.row(&Extent::new(65536, 196608, Kind::Hole), None, 0)
             .unwrap();
         let (out, totals) = t.into_inner();
         let text = String::from_utf8(out).unwrap();
