@@ -24,6 +24,10 @@ pub enum Format {
 /// it starts with [`QCOW2_MAGIC`], raw otherwise (as qemu-img probes).
 pub fn probe_format(path: &Path) -> anyhow::Result<Format> {
     let mut f = File::open(path).with_context(|| format!("{}: opening", path.display()))?;
+    // No readahead for four bytes: it would pull the start of the image
+    // into the page cache, and cached pages of unwritten extents read as
+    // data to SEEK_DATA, which qcow2 block status consults (as qemu's).
+    let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < magic.len() {

@@ -87,6 +87,17 @@ impl HostFile {
                 source,
             })?
             .len();
+        // No readahead: reading tables must not pull the data clusters
+        // around them into the page cache, where SEEK_DATA (which the map
+        // asks for preallocated images, as qemu does) would see cached
+        // pages of unwritten extents as data. Advice only: an error from it
+        // changes nothing we read.
+        let _ = nix::fcntl::posix_fadvise(
+            &file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+        );
         Ok(HostFile {
             path: path.to_path_buf(),
             file,
