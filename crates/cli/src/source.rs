@@ -1,5 +1,5 @@
 //! Opening what a command line names: a path (regular file or block
-//! device, raw or qcow2) or, later, an NBD URI.
+//! device, raw or qcow2) or an NBD URI.
 
 use std::fs::File;
 use std::io::Read;
@@ -56,6 +56,46 @@ pub enum Source {
     Raw(Mapper),
     /// A qcow2 image with its backing chain.
     Qcow2(sparsekit_qcow2::Image),
+    /// An NBD export.
+    Nbd(Box<sparsekit_copy::NbdSource>),
+}
+
+/// True when `spec` is an NBD URI rather than a path.
+pub fn is_nbd_uri(spec: &str) -> bool {
+    [
+        "nbd://",
+        "nbd+unix://",
+        "nbds://",
+        "nbds+unix://",
+        "nbd+vsock://",
+        "nbds+vsock://",
+    ]
+    .iter()
+    .any(|p| spec.starts_with(p))
+}
+
+/// Opens `spec`: an NBD URI (negotiating `base:allocation` and
+/// `contexts`, with up to `connections` connections for reading) or a
+/// local path as [`open_local`] does.
+pub fn open(
+    spec: &str,
+    format: Option<Format>,
+    contexts: &[String],
+    connections: usize,
+) -> anyhow::Result<Source> {
+    if !is_nbd_uri(spec) {
+        return open_local(Path::new(spec), format);
+    }
+    if format == Some(Format::Qcow2) {
+        anyhow::bail!(
+            "{spec}: an NBD export is read as the raw disk it serves; --format qcow2 does not apply"
+        );
+    }
+    let uri: sparsekit_nbd::NbdUri = spec
+        .parse()
+        .with_context(|| format!("{spec}: not a usable NBD URI"))?;
+    let src = sparsekit_copy::NbdSource::connect(&uri, contexts, connections)?;
+    Ok(Source::Nbd(Box::new(src)))
 }
 
 /// Opens the local file or device `path` as `format`, or as the format its
@@ -81,6 +121,7 @@ pub fn file_ids(source: &Source) -> Vec<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let paths: Vec<&Path> = match source {
         Source::Raw(m) => vec![m.path()],
+        Source::Nbd(_) => Vec::new(),
         Source::Qcow2(img) => img
             .layers()
             .iter()
@@ -103,6 +144,7 @@ pub fn into_copy_source(source: Source, path: &Path) -> Box<dyn sparsekit_copy::
     match source {
         Source::Raw(m) => Box::new(sparsekit_copy::RawSource::new(m)),
         Source::Qcow2(img) => Box::new(sparsekit_copy::Qcow2Source::new(img, path)),
+        Source::Nbd(n) => n,
     }
 }
 

@@ -44,16 +44,20 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use sparsekit_extent::{Extent, ExtentIterExt, Kind, MapChecker, MapError};
+use sparsekit_extent::{Extent, ExtentIterExt, Kind, MapChecker, MapError, intersect};
 
+mod nbd;
 mod qcow2;
 mod sink;
 mod source;
 mod sys;
 
+pub use nbd::{NbdSource, StatusStream};
 pub use qcow2::Qcow2Source;
 pub use sink::{DestKind, DestMode, Sink};
-pub use source::{ExtentStream, RawReadError, RawSource, Source, SourceError};
+pub use source::{
+    ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,
+};
 
 /// Default bytes per data work item and per worker buffer.
 pub const DEFAULT_CHUNK: usize = 4 << 20;
@@ -228,6 +232,10 @@ pub struct CopyOptions {
     pub dest_offset: u64,
     /// Flush the destination when done.
     pub flush: bool,
+    /// Incremental copy: only the ranges dirty in this bitmap of the source
+    /// are handled (allocated ones copied, the others zeroed); the rest of
+    /// the destination is left alone.
+    pub bitmap: Option<String>,
 }
 
 impl Default for CopyOptions {
@@ -240,6 +248,7 @@ impl Default for CopyOptions {
             skip: 0,
             dest_offset: 0,
             flush: false,
+            bitmap: None,
         }
     }
 }
@@ -288,34 +297,91 @@ struct Item {
     kind: Kind,
 }
 
-/// Splits a source's map into [`Item`]s, checking that it is whole.
-struct Planner<'a> {
+/// A source's map checked to be whole: sorted, gap-free, covering exactly
+/// the range asked for; a map that is not is an error, never a shorter copy.
+struct Checked<'a> {
     extents: ExtentStream<'a>,
     source_name: &'a str,
     checker: MapChecker,
+    done: bool,
+}
+
+impl Iterator for Checked<'_> {
+    type Item = Result<Extent, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let not_whole = |source| Error::MapNotWhole {
+            source_name: self.source_name.into(),
+            source,
+        };
+        match self.extents.next() {
+            None => {
+                self.done = true;
+                self.checker.finish().err().map(|e| Err(not_whole(e)))
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                Some(Err(Error::Source(e)))
+            }
+            Some(Ok(e)) => match self.checker.push(&e) {
+                Ok(()) => Some(Ok(e)),
+                Err(err) => {
+                    self.done = true;
+                    Some(Err(not_whole(err)))
+                }
+            },
+        }
+    }
+}
+
+/// Splits a source's map (or its dirty part) into [`Item`]s.
+struct Planner<'a> {
+    extents: Box<dyn Iterator<Item = Result<Extent, Error>> + Send + 'a>,
     /// Destination offset minus source offset.
     shift: i128,
     chunk: u64,
     current: Option<Extent>,
+    /// Everything before this source offset has been handed out.
+    handed_out: u64,
     done: bool,
 }
 
 impl<'a> Planner<'a> {
-    fn new(source: &'a dyn Source, range: Range<u64>, dest_offset: u64, chunk: u64) -> Self {
-        Self {
+    /// Plans `range` of `source`; with `dirty`, only the parts of the map
+    /// inside those ranges.
+    fn new(
+        source: &'a dyn Source,
+        range: Range<u64>,
+        dest_offset: u64,
+        chunk: u64,
+        dirty: Option<RangeStream<'a>>,
+    ) -> Self {
+        let checked = Checked {
             extents: Box::new(source.extents(range.clone()).coalesce()),
             source_name: source.name(),
             checker: MapChecker::new(range.clone()),
+            done: false,
+        };
+        let extents: Box<dyn Iterator<Item = Result<Extent, Error>> + Send + 'a> = match dirty {
+            None => Box::new(checked),
+            Some(d) => Box::new(intersect(checked, d.map(|r| r.map_err(Error::Source)))),
+        };
+        Self {
+            extents,
             shift: dest_offset as i128 - range.start as i128,
             chunk,
             current: None,
+            handed_out: range.start,
             done: false,
         }
     }
 
-    /// The source offset of the next item to be handed out.
+    /// The source offset before which every item has been handed out.
     fn position(&self) -> u64 {
-        self.current.map_or(self.checker.position(), |e| e.offset)
+        self.current.map_or(self.handed_out, |e| e.offset)
     }
 
     fn next(&mut self) -> Option<Result<Item, Error>> {
@@ -326,27 +392,13 @@ impl<'a> Planner<'a> {
             match self.extents.next() {
                 None => {
                     self.done = true;
-                    return self.checker.finish().err().map(|source| {
-                        Err(Error::MapNotWhole {
-                            source_name: self.source_name.into(),
-                            source,
-                        })
-                    });
+                    return None;
                 }
                 Some(Err(e)) => {
                     self.done = true;
-                    return Some(Err(Error::Source(e)));
+                    return Some(Err(e));
                 }
-                Some(Ok(e)) => {
-                    if let Err(source) = self.checker.push(&e) {
-                        self.done = true;
-                        return Some(Err(Error::MapNotWhole {
-                            source_name: self.source_name.into(),
-                            source,
-                        }));
-                    }
-                    self.current = Some(e);
-                }
+                Some(Ok(e)) => self.current = Some(e),
             }
         }
         let e = self.current.take()?;
@@ -359,6 +411,7 @@ impl<'a> Planner<'a> {
         if cut < e.end() {
             self.current = Some(Extent::new(cut, e.end() - cut, e.kind));
         }
+        self.handed_out = cut;
         Some(Ok(Item {
             src: e.offset,
             dst: (e.offset as i128 + self.shift) as u64,
@@ -498,8 +551,16 @@ pub fn copy(
     };
     let range = source_range(source, opts).map_err(fail)?;
     let chunk = opts.chunk_size.max(SPARSE_BLOCK as usize);
+    let dirty = match &opts.bitmap {
+        None => None,
+        Some(b) => Some(
+            source
+                .dirty(b, range.clone())
+                .map_err(|e| fail(Error::Source(e)))?,
+        ),
+    };
     progress.start(range.end - range.start);
-    let planner = Planner::new(source, range.clone(), opts.dest_offset, chunk as u64);
+    let planner = Planner::new(source, range.clone(), opts.dest_offset, chunk as u64, dirty);
     let raw = source.raw_file();
     // Zero detection pays only where skipping a write leaves zeros behind.
     let sparse = opts.sparse && (sink.kind() == DestKind::Regular || sink.known_zero());
@@ -596,7 +657,7 @@ pub fn verify(
     let range = source_range(source, opts).map_err(fail)?;
     let chunk = opts.chunk_size.max(SPARSE_BLOCK as usize);
     progress.start(range.end - range.start);
-    let planner = Planner::new(source, range, opts.dest_offset, chunk as u64);
+    let planner = Planner::new(source, range, opts.dest_offset, chunk as u64, None);
     let none = AtomicU64::new(0);
     let differs = |offset| Error::Differs {
         source_name: source.name().into(),
@@ -688,7 +749,7 @@ mod tests {
         dest_offset: u64,
         chunk: u64,
     ) -> Result<Vec<Item>, Error> {
-        let mut p = Planner::new(src, range, dest_offset, chunk);
+        let mut p = Planner::new(src, range, dest_offset, chunk, None);
         std::iter::from_fn(|| p.next()).collect()
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use sparsekit_extent::ExtentIterExt;
 use sparsekit_qcow2::Image;
 
-use crate::source::{ExtentStream, Source, SourceError};
+use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 
 /// A qcow2 image as a virtual disk: its map walks the backing chain like
 /// `qemu-img map`, its reads decompress and fall through to backing files.
@@ -61,5 +61,16 @@ impl Source for Qcow2Source {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
         self.image.read_at(buf, offset).map_err(SourceError::from)
+    }
+
+    fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {
+        let ranges = self.image.top().dirty_ranges(bitmap)?;
+        Ok(Box::new(ranges.filter_map(move |r| match r {
+            Ok(r) => {
+                let clipped = r.start.max(range.start)..r.end.min(range.end);
+                (!clipped.is_empty()).then_some(Ok(clipped))
+            }
+            Err(e) => Some(Err(SourceError::from(e))),
+        })))
     }
 }

@@ -16,6 +16,18 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A stream of extents from a [`Source`].
 pub type ExtentStream<'a> = Box<dyn Iterator<Item = Result<Extent, SourceError>> + Send + 'a>;
 
+/// A stream of byte ranges (sorted, disjoint) from a [`Source`]: the dirty
+/// ranges of a bitmap.
+pub type RangeStream<'a> = Box<dyn Iterator<Item = Result<Range<u64>, SourceError>> + Send + 'a>;
+
+/// A source without the dirty bitmap asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: has no dirty bitmaps (only qcow2 images and NBD exports have)")]
+pub struct NoBitmaps {
+    /// The source.
+    pub name: String,
+}
+
 /// A virtual disk that can say where its data is and read it.
 ///
 /// Implementations must allow concurrent calls from several threads: the
@@ -39,6 +51,15 @@ pub trait Source: Send + Sync {
     /// buffer.
     fn raw_file(&self) -> Option<&File> {
         None
+    }
+
+    /// The ranges of `range` marked dirty in the persistent bitmap
+    /// `bitmap` (for incremental copies).
+    fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {
+        let _ = (bitmap, range);
+        Err(Box::new(NoBitmaps {
+            name: self.name().to_owned(),
+        }))
     }
 }
 

@@ -256,6 +256,63 @@ pub fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
+/// A server process (qemu-nbd, nbdkit) listening on a Unix socket; killed
+/// when dropped.
+#[derive(Debug)]
+pub struct Server {
+    child: std::process::Child,
+    /// The socket it listens on.
+    pub socket: PathBuf,
+}
+
+impl Server {
+    /// Starts `tool args...` (which must be told to listen on `socket`)
+    /// and waits up to 10 s for the socket to appear.
+    pub fn start(tool: &str, args: &[&str], socket: &Path) -> Server {
+        let exe = require(tool);
+        let child = Command::new(exe)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {tool}: {e}"));
+        let mut server = Server {
+            child,
+            socket: socket.to_owned(),
+        };
+        let t = std::time::Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("{tool} {args:?} exited before listening: {status}");
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "{tool} did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        server
+    }
+
+    /// The `nbd+unix` URI of the default export.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Stops the server now (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Flushes and drops the file's cached pages, so that tools mapping with
 /// SEEK_DATA (qemu-img) see unwritten extents as holes, as on disk.
 pub fn drop_cache(path: &Path) {

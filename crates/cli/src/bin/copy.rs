@@ -20,8 +20,9 @@ use sparsekit_copy::{CopyOptions, DestMode, Method, RawSource, Sink, copy, dest_
 #[derive(Debug, clap::Parser)]
 #[command(name = "copy", version)]
 struct Args {
-    /// A regular file, block device or qcow2 image; the format is detected
-    /// by magic.
+    /// A regular file, block device or qcow2 image (the format is detected
+    /// by magic), or an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH).
     source: String,
     /// A regular file (created or truncated) or a block device.
     dest: String,
@@ -61,6 +62,12 @@ struct Args {
     /// How data is moved.
     #[arg(long, value_enum, default_value = "auto")]
     method: MethodArg,
+    /// Incremental copy into an existing DEST: only the ranges dirty in the
+    /// persistent bitmap NAME (a qcow2 bitmap, or the NBD context
+    /// `qemu:dirty-bitmap:NAME`); dirty data is copied, dirty unallocated
+    /// ranges are zeroed, the rest of DEST is left alone.
+    #[arg(long, value_name = "NAME")]
+    bitmap: Option<String>,
     /// Bytes per work item and per worker buffer.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     chunk_size: u64,
@@ -86,7 +93,16 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
     let path = source::local_path(&args.source);
-    let opened = source::open_local(&path, args.format)?;
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| CopyOptions::default().jobs)
+        .max(1);
+    let contexts: Vec<String> = args
+        .bitmap
+        .iter()
+        .map(|b| format!("qemu:dirty-bitmap:{b}"))
+        .collect();
+    let opened = source::open(&args.source, args.format, &contexts, jobs)?;
     let source_ids = source::file_ids(&opened);
     let source = source::into_copy_source(opened, &path);
     let source = source.as_ref();
@@ -110,13 +126,28 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         skip: args.skip,
         dest_offset: args.offset,
         flush: args.flush,
+        bitmap: args.bitmap.clone(),
     };
-    let mode = if args.offset > 0 {
+    let dest = source::local_path(&args.dest);
+    let mode = if args.bitmap.is_some() {
+        // An incremental copy updates the previous full copy in place.
+        let len = std::fs::metadata(&dest)
+            .with_context(|| format!("{}: --bitmap updates an existing copy", dest.display()))?
+            .len();
+        let want = dest_end(source, &opts);
+        if len < want {
+            anyhow::bail!(
+                "{}: is {len} bytes; the copy of {} it should be holds {want}",
+                dest.display(),
+                source.name()
+            );
+        }
+        DestMode::Update
+    } else if args.offset > 0 {
         DestMode::Update
     } else {
         DestMode::Replace
     };
-    let dest = source::local_path(&args.dest);
     let sink = Sink::open(
         &dest,
         dest_end(source, &opts),
@@ -133,12 +164,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stats = stats.with_context(|| format!("{} -> {}", source.name(), dest.display()))?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "copy: {} -> {}: {} of data ({} written, {} of zero blocks left as holes), {} unallocated, in {:.2} s",
+        "copy: {} -> {}: read {} bytes of data ({}), wrote {} bytes, {} bytes of zero blocks left as holes, {} bytes zero or unallocated ({}), in {:.2} s",
         source.name(),
         dest.display(),
+        stats.data_read,
         format_size(stats.data_read),
-        format_size(stats.data_written),
-        format_size(stats.zero_detected),
+        stats.data_written,
+        stats.zero_detected,
+        stats.unallocated,
         format_size(stats.unallocated),
         secs
     );

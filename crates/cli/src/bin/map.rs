@@ -11,6 +11,8 @@ use sparsekit_cli::nbdinfo;
 use sparsekit_cli::prefetch::prefetch;
 use sparsekit_cli::qemu::{self, JsonMapError, Merge};
 use sparsekit_cli::source::{self, Format, Source};
+use sparsekit_copy::{NbdSource, Source as _};
+use sparsekit_extent::ExtentIterExt;
 use sparsekit_fiemap::{FileKind, Mapper};
 use sparsekit_qcow2::Image;
 
@@ -18,8 +20,9 @@ use sparsekit_qcow2::Image;
 #[derive(Debug, clap::Parser)]
 #[command(name = "map", version)]
 struct Args {
-    /// A regular file, block device or qcow2 image; the format is detected
-    /// by magic.
+    /// A regular file, block device or qcow2 image (the format is detected
+    /// by magic), or an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH).
     source: String,
     /// Print a JSON array value-equal to `qemu-img map --output=json`
     /// (with --bitmap: to `nbdinfo --map=qemu:dirty-bitmap:NAME --json`).
@@ -35,9 +38,14 @@ struct Args {
     #[arg(long, value_parser = parse_size)]
     length: Option<u64>,
     /// Map the persistent dirty bitmap NAME of a qcow2 image, read offline,
-    /// as `qemu-nbd -B NAME` would export it.
-    #[arg(long, value_name = "NAME")]
+    /// as `qemu-nbd -B NAME` would export it (on an NBD source: the context
+    /// `qemu:dirty-bitmap:NAME`).
+    #[arg(long, value_name = "NAME", conflicts_with = "context")]
     bitmap: Option<String>,
+    /// NBD: map this meta context (e.g. `qemu:dirty-bitmap:NAME`,
+    /// `qemu:allocation-depth`); with --json as `nbdinfo --map=CTX --json`.
+    #[arg(long, value_name = "CTX")]
+    context: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -49,8 +57,28 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let path = source::local_path(&args.source);
-    let src = source::open_local(&path, args.format)?;
+    let context = args.context.clone().or_else(|| {
+        source::is_nbd_uri(&args.source)
+            .then(|| {
+                args.bitmap
+                    .as_ref()
+                    .map(|b| format!("qemu:dirty-bitmap:{b}"))
+            })
+            .flatten()
+    });
+    let src = source::open(&args.source, args.format, context.as_slice(), 1)?;
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    if let Source::Nbd(n) = &src {
+        map_nbd(&args, n, context.as_deref(), &mut out)?;
+        out.flush().context("writing to standard output")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.context.is_some() {
+        bail!(
+            "{}: --context maps a meta context of an NBD export; this is a local file",
+            path.display()
+        );
+    }
     match (&src, &args.bitmap) {
         (Source::Qcow2(img), Some(name)) => map_bitmap(&args, &path, img, name, &mut out)?,
         (Source::Raw(_), Some(_)) => bail!(
@@ -59,6 +87,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         (Source::Raw(m), None) => map_raw(&args, &path, m, &mut out)?,
         (Source::Qcow2(img), None) => map_qcow2(&args, &path, img, &mut out)?,
+        (Source::Nbd(_), _) => unreachable!("handled above"),
     }
     out.flush().context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)
@@ -219,4 +248,59 @@ fn map_bitmap(
         nbdinfo::write_table(out, &entries)?;
     }
     Ok(())
+}
+
+fn map_nbd(
+    args: &Args,
+    src: &NbdSource,
+    context: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let name = Path::new(src.name());
+    let range = qemu::clamp_range(args.start, args.length, src.size());
+    if let Some(ctx) = context {
+        let extents = src
+            .status(ctx, range.clone())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| stopped(name, range.start))?;
+        let entries = sparsekit_nbd::map::nbdinfo_map(ctx, extents);
+        if args.json {
+            nbdinfo::write_json(out, &entries)?;
+        } else {
+            writeln!(
+                out,
+                "{}: {ctx}, {} ({} bytes)",
+                src.name(),
+                format_size(src.size()),
+                src.size()
+            )?;
+            nbdinfo::write_table(out, &entries)?;
+        }
+        return Ok(());
+    }
+    let status = src.status(sparsekit_nbd::map::BASE_ALLOCATION, range.clone());
+    if args.json {
+        let entries =
+            Merge::new(status.map(|r| r.map(|e| sparsekit_nbd::map::qemu_img_map_entry(&e))));
+        return json(out, name, args.start, entries);
+    }
+    writeln!(
+        out,
+        "{}: NBD export, {} ({} bytes)",
+        src.name(),
+        format_size(src.size()),
+        src.size()
+    )?;
+    let mut table = Table::new(out, false)?;
+    let mut failed = None;
+    for e in status.map(|r| r.map(|e| e.to_extent())).coalesce() {
+        match e {
+            Ok(e) => table.row(&e, None, 0)?,
+            Err(err) => {
+                failed = Some(err);
+                break;
+            }
+        }
+    }
+    finish_table(table, name, range.start, failed)
 }

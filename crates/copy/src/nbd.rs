@@ -1,0 +1,152 @@
+//! NBD exports as a [`Source`].
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sparsekit_extent::Extent;
+use sparsekit_nbd::map::{BASE_ALLOCATION, QEMU_DIRTY_BITMAP, StatusExtent, allocation_kind};
+use sparsekit_nbd::{Client, ClientConfig, NbdUri};
+
+use crate::source::{ExtentStream, RangeStream, Source, SourceError};
+
+/// An NBD export: block status for the map (`base:allocation`, see
+/// [`allocation_kind`]), reads spread over a pool of connections (as many
+/// as the workers when the server advertises multi-conn, else one).
+#[derive(Debug)]
+pub struct NbdSource {
+    uri: String,
+    size: u64,
+    status: Mutex<Client>,
+    readers: Vec<Mutex<Client>>,
+    next: AtomicUsize,
+}
+
+fn lock(m: &Mutex<Client>) -> std::sync::MutexGuard<'_, Client> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NbdSource {
+    /// Connects to `uri` negotiating `base:allocation` and `contexts`, with
+    /// up to `connections` connections for reading.
+    pub fn connect(
+        uri: &NbdUri,
+        contexts: &[String],
+        connections: usize,
+    ) -> Result<Self, sparsekit_nbd::Error> {
+        let mut config = ClientConfig::default();
+        for c in contexts {
+            if !config.contexts.contains(c) {
+                config.contexts.push(c.clone());
+            }
+        }
+        let mut clients = Client::connect_multi(uri, &config, connections.max(1) + 1)?;
+        let status = clients.remove(0);
+        // No multi-conn: the one connection serves status and reads.
+        let readers = if clients.is_empty() {
+            Vec::new()
+        } else {
+            clients.into_iter().map(Mutex::new).collect()
+        };
+        Ok(Self {
+            uri: uri.to_string(),
+            size: status.size(),
+            status: Mutex::new(status),
+            readers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connections used for reading.
+    pub fn connections(&self) -> usize {
+        self.readers.len().max(1)
+    }
+
+    /// Streams the status extents of `context` over `range`, one
+    /// `NBD_CMD_BLOCK_STATUS` round trip at a time.
+    pub fn status(&self, context: &str, range: Range<u64>) -> StatusStream<'_> {
+        let end = range.end.min(self.size);
+        StatusStream {
+            source: self,
+            context: context.to_owned(),
+            pos: range.start.min(end),
+            end,
+            queue: VecDeque::new(),
+            failed: false,
+        }
+    }
+}
+
+/// Iterator returned by [`NbdSource::status`]; stops after an error.
+#[derive(Debug)]
+pub struct StatusStream<'a> {
+    source: &'a NbdSource,
+    context: String,
+    pos: u64,
+    end: u64,
+    queue: VecDeque<StatusExtent>,
+    failed: bool,
+}
+
+impl Iterator for StatusStream<'_> {
+    type Item = Result<StatusExtent, sparsekit_nbd::Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.queue.pop_front() {
+            return Some(Ok(e));
+        }
+        if self.failed || self.pos >= self.end {
+            return None;
+        }
+        let got = lock(&self.source.status).block_status_once(&self.context, self.pos..self.end);
+        match got {
+            Ok(v) => {
+                // The client guarantees progress: at least one byte, inside
+                // the range, sorted.
+                self.pos = v.last().map_or(self.end, |e| e.end());
+                self.queue.extend(v);
+                self.queue.pop_front().map(Ok)
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl Source for NbdSource {
+    fn name(&self) -> &str {
+        &self.uri
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn extents(&self, range: Range<u64>) -> ExtentStream<'_> {
+        Box::new(self.status(BASE_ALLOCATION, range).map(|r| {
+            r.map(|e| Extent::new(e.offset, e.length, allocation_kind(e.flags)))
+                .map_err(SourceError::from)
+        }))
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
+        let client = if self.readers.is_empty() {
+            &self.status
+        } else {
+            &self.readers[self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len()]
+        };
+        lock(client).read(offset, buf).map_err(SourceError::from)
+    }
+
+    fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {
+        let context = format!("{QEMU_DIRTY_BITMAP}{bitmap}");
+        Ok(Box::new(
+            self.status(&context, range)
+                .filter(|r| r.as_ref().map_or(true, |e| e.flags & 1 != 0))
+                .map(|r| r.map(|e| e.offset..e.end()).map_err(SourceError::from)),
+        ))
+    }
+}
