@@ -270,6 +270,9 @@ impl Server {
     /// and waits up to 10 s for the socket to appear.
     pub fn start(tool: &str, args: &[&str], socket: &Path) -> Server {
         let exe = require(tool);
+        // A socket left by an earlier server would look like this one
+        // listening already.
+        let _ = std::fs::remove_file(socket);
         let child = Command::new(exe)
             .args(args)
             .stdout(std::process::Stdio::null())
