@@ -80,11 +80,12 @@ pub fn is_nbd_uri(spec: &str) -> bool {
 pub fn open(
     spec: &str,
     format: Option<Format>,
+    image: &ImageOptions,
     contexts: &[String],
     connections: usize,
 ) -> anyhow::Result<Source> {
     if !is_nbd_uri(spec) {
-        return open_local(Path::new(spec), format);
+        return open_local(Path::new(spec), format, image);
     }
     if format == Some(Format::Qcow2) {
         anyhow::bail!(
@@ -98,10 +99,38 @@ pub fn open(
     Ok(Source::Nbd(Box::new(src)))
 }
 
+/// How images are opened: the flags every tool takes.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct ImageOptions {
+    /// qcow2: read the image alone, without its backing file (what it does
+    /// not allocate reads as zeros).
+    #[arg(long)]
+    pub no_backing: bool,
+    /// qcow2: the image comes from an untrusted place: refuse backing and
+    /// data file names that are absolute or lead out of its folder.
+    #[arg(long)]
+    pub untrusted: bool,
+}
+
+impl ImageOptions {
+    /// The qcow2 crate's options for a chain.
+    pub fn chain(&self) -> sparsekit_qcow2::OpenOptions {
+        sparsekit_qcow2::OpenOptions {
+            no_backing: self.no_backing,
+            untrusted: self.untrusted,
+            ..Default::default()
+        }
+    }
+}
+
 /// Opens the local file or device `path` as `format`, or as the format its
 /// magic says. Special files are refused before anything reads them (a
 /// FIFO would block).
-pub fn open_local(path: &Path, format: Option<Format>) -> anyhow::Result<Source> {
+pub fn open_local(
+    path: &Path,
+    format: Option<Format>,
+    image: &ImageOptions,
+) -> anyhow::Result<Source> {
     // Refuse directories, FIFOs and the like with the fiemap crate's
     // message before probing reads them.
     let mapper = Mapper::open(path)?;
@@ -111,7 +140,10 @@ pub fn open_local(path: &Path, format: Option<Format>) -> anyhow::Result<Source>
     };
     match format {
         Format::Raw => Ok(Source::Raw(mapper)),
-        Format::Qcow2 => Ok(Source::Qcow2(sparsekit_qcow2::Image::open(path)?)),
+        Format::Qcow2 => Ok(Source::Qcow2(sparsekit_qcow2::Image::open_with(
+            path,
+            &image.chain(),
+        )?)),
     }
 }
 

@@ -18,12 +18,21 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 pub struct OpenOptions {
     /// Most images in the chain, the top one included.
     pub max_depth: usize,
+    /// Read the top image alone: its backing file is not opened, and what
+    /// the image does not allocate reads as zeros.
+    pub no_backing: bool,
+    /// The image comes from an untrusted place: backing and data file
+    /// names that are absolute or lead out of the image's folder are
+    /// refused ([`crate::check_untrusted`]).
+    pub untrusted: bool,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             max_depth: MAX_CHAIN_DEPTH,
+            no_backing: false,
+            untrusted: false,
         }
     }
 }
@@ -150,7 +159,14 @@ impl Image {
     /// Opens with explicit options.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        let top = Qcow2::open(path)?;
+        let open = |p: &Path| {
+            if opts.untrusted {
+                Qcow2::open_untrusted(p)
+            } else {
+                Qcow2::open(p)
+            }
+        };
+        let top = open(path)?;
         let mut seen = HashSet::new();
         seen.insert(file_id(path)?);
         let mut layers = vec![Layer::Qcow2(Box::new(top))];
@@ -159,6 +175,9 @@ impl Image {
             let Some(name) = h.backing_file.clone() else {
                 break;
             };
+            if opts.no_backing {
+                break;
+            }
             let image_path = q.path().to_path_buf();
             let wrap = |e: Error| e.in_file(&image_path);
             if q.header().data_file_raw() {
@@ -172,6 +191,9 @@ impl Image {
                 return Err(Error::ChainTooDeep {
                     max: opts.max_depth,
                 });
+            }
+            if opts.untrusted {
+                crate::image::check_untrusted(&image_path, &name, "backing file").map_err(wrap)?;
             }
             let bpath = resolve(&image_path, &name, "backing file").map_err(wrap)?;
             let id = file_id(&bpath).map_err(wrap)?;
@@ -189,7 +211,7 @@ impl Image {
                 None => probe(&bpath)?,
             };
             layers.push(match format {
-                Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::open(&bpath)?)),
+                Format::Qcow2 => Layer::Qcow2(Box::new(open(&bpath)?)),
                 Format::Raw => Layer::Raw(RawImage {
                     host: HostFile::open(&bpath).map_err(|e| e.in_file(&bpath))?,
                 }),

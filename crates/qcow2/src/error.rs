@@ -167,6 +167,16 @@ pub enum Error {
         /// Why.
         problem: &'static str,
     },
+    /// A backing or data file name refused for an untrusted image.
+    #[error("{what} {name:?} refused for an untrusted image: {problem}")]
+    Untrusted {
+        /// `backing file` or `data file`.
+        what: &'static str,
+        /// The name as stored in the image.
+        name: String,
+        /// Why.
+        problem: &'static str,
+    },
     /// A backing file format other than qcow2 or raw.
     #[error("unsupported backing file format {format:?}")]
     UnsupportedBackingFormat {

@@ -150,10 +150,18 @@ impl Qcow2 {
     /// the external data file, if any. The backing file is not opened.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        Self::open_inner(path).map_err(|e| e.in_file(path))
+        Self::open_inner(path, false).map_err(|e| e.in_file(path))
     }
 
-    fn open_inner(path: &Path) -> Result<Self> {
+    /// [`Qcow2::open`] for an image from an untrusted place: an external
+    /// data file name that is absolute or leads out of the image's folder
+    /// is refused (see [`check_untrusted`]).
+    pub fn open_untrusted(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::open_inner(path, true).map_err(|e| e.in_file(path))
+    }
+
+    fn open_inner(path: &Path, untrusted: bool) -> Result<Self> {
         let host = HostFile::open(path)?;
         // The header lives in the first cluster; read the largest possible
         // (2 MiB) or the whole file if shorter, then parse.
@@ -169,10 +177,10 @@ impl Qcow2 {
         }
         let header = Header::parse(&buf)?;
         header.check_file_size(host.size)?;
-        Self::from_parts(host, header, path)
+        Self::from_parts(host, header, path, untrusted)
     }
 
-    fn from_parts(host: HostFile, header: Header, path: &Path) -> Result<Self> {
+    fn from_parts(host: HostFile, header: Header, path: &Path, untrusted: bool) -> Result<Self> {
         let mut l1_bytes = vec![0; header.l1_size as usize * 8];
         pread_within(
             &host.file,
@@ -205,6 +213,9 @@ impl Qcow2 {
                     problem: "the external data file bit is set but no name is stored",
                 });
             };
+            if untrusted {
+                check_untrusted(path, name, "data file")?;
+            }
             Some(HostFile::open(&resolve(path, name, "data file")?)?)
         } else {
             None
@@ -715,6 +726,46 @@ fn advance(s: Subcluster, delta: u64) -> Subcluster {
 
 /// Resolves a backing or data file name stored in the image at `image`:
 /// relative names are relative to the image's folder.
+/// Refuses a backing or data file `name` stored in `image` that is
+/// absolute or leads out of the image's folder, by its components (`..`)
+/// or, once resolved, through a symbolic link. For images from untrusted
+/// places: such a name could make a tool read any file on the machine.
+pub fn check_untrusted(image: &Path, name: &str, what: &'static str) -> Result<()> {
+    let refuse = |problem| {
+        Err(Error::Untrusted {
+            what,
+            name: name.into(),
+            problem,
+        })
+    };
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return refuse("the name is absolute");
+    }
+    let mut depth = 0i64;
+    for c in p.components() {
+        match c {
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::CurDir => {}
+            _ => return refuse("the name is absolute"),
+        }
+        if depth < 0 {
+            return refuse("the name climbs out of the image's folder");
+        }
+    }
+    let dir = image
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let (Ok(dir), Ok(target)) = (dir.canonicalize(), dir.join(p).canonicalize())
+        && !target.starts_with(&dir)
+    {
+        return refuse("the name leads out of the image's folder through a symbolic link");
+    }
+    Ok(())
+}
+
 pub(crate) fn resolve(image: &Path, name: &str, what: &'static str) -> Result<PathBuf> {
     if name.is_empty() {
         return Err(Error::UnsupportedFile {
@@ -740,6 +791,28 @@ pub(crate) fn resolve(image: &Path, name: &str, what: &'static str) -> Result<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untrusted_names() {
+        let img = Path::new("/images/vm.qcow2");
+        let why = |name: &str| match check_untrusted(img, name, "backing file") {
+            Ok(()) => None,
+            Err(Error::Untrusted { problem, .. }) => Some(problem),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(why("base.qcow2"), None);
+        assert_eq!(why("sub/../base.qcow2"), None);
+        assert_eq!(why("./sub/base.qcow2"), None);
+        assert_eq!(why("/etc/shadow"), Some("the name is absolute"));
+        assert_eq!(
+            why("../base.qcow2"),
+            Some("the name climbs out of the image's folder")
+        );
+        assert_eq!(
+            why("sub/../../x"),
+            Some("the name climbs out of the image's folder")
+        );
+    }
 
     #[test]
     fn refcount_widths() {

@@ -84,7 +84,7 @@ pub use header::{
     BitmapsExtension, CompressionType, FeatureKind, FeatureName, Header, RawHeader,
     UnknownExtension, autoclear, compat, ext, incompat,
 };
-pub use image::{L2_CACHE_TABLES, LayerStatus, Qcow2};
+pub use image::{L2_CACHE_TABLES, LayerStatus, Qcow2, check_untrusted};
 pub use info::{
     BitmapInfo, ChainInfo, ChildInfo, Empty, FileInfo, FileSpecific, FormatSpecific, ImageInfo,
     Qcow2Specific, RawInfo, SnapshotInfo,

@@ -183,7 +183,14 @@ fn chain_deeper_than_the_cap() {
             "1M",
         );
     }
-    let e = Image::open_with(d.path("c3.qcow2"), &OpenOptions { max_depth: 3 }).unwrap_err();
+    let e = Image::open_with(
+        d.path("c3.qcow2"),
+        &OpenOptions {
+            max_depth: 3,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e.root(), Error::ChainTooDeep { max: 3 }), "{e:?}");
     assert_eq!(Image::open(d.path("c3.qcow2")).unwrap().backing_depth(), 3);
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{format_size, parse_size};
 use sparsekit_cli::progress::Bar;
-use sparsekit_cli::source::{self, Format};
+use sparsekit_cli::source::{self, Format, ImageOptions};
 use sparsekit_cli::sys::stop_on_signals;
 use sparsekit_copy::{CopyOptions, DestMode, Method, RawSource, Sink, copy, dest_end, verify};
 
@@ -29,6 +29,8 @@ struct Args {
     /// The source's format, instead of detecting it.
     #[arg(short = 'f', long, value_enum)]
     format: Option<Format>,
+    #[command(flatten)]
+    image: ImageOptions,
     /// Worker threads (default: all cores).
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
@@ -102,7 +104,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|b| format!("qemu:dirty-bitmap:{b}"))
         .collect();
-    let opened = source::open(&args.source, args.format, &contexts, jobs)?;
+    let opened = source::open(&args.source, args.format, &args.image, &contexts, jobs)?;
     let source_ids = source::file_ids(&opened);
     let source = source::into_copy_source(opened, &path);
     let source = source.as_ref();

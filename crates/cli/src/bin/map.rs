@@ -10,7 +10,7 @@ use sparsekit_cli::human::{Table, format_size, parse_size};
 use sparsekit_cli::nbdinfo;
 use sparsekit_cli::prefetch::prefetch;
 use sparsekit_cli::qemu::{self, JsonMapError, Merge};
-use sparsekit_cli::source::{self, Format, Source};
+use sparsekit_cli::source::{self, Format, ImageOptions, Source};
 use sparsekit_copy::{NbdSource, Source as _};
 use sparsekit_extent::ExtentIterExt;
 use sparsekit_fiemap::{FileKind, Mapper};
@@ -31,6 +31,8 @@ struct Args {
     /// The image format, instead of detecting it.
     #[arg(short = 'f', long, value_enum)]
     format: Option<Format>,
+    #[command(flatten)]
+    image: ImageOptions,
     /// First byte to map (qemu-img's --start-offset); k, M, G, T suffixes.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     start: u64,
@@ -66,7 +68,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
             .flatten()
     });
-    let src = source::open(&args.source, args.format, context.as_slice(), 1)?;
+    let src = source::open(
+        &args.source,
+        args.format,
+        &args.image,
+        context.as_slice(),
+        1,
+    )?;
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     if let Source::Nbd(n) = &src {
         map_nbd(&args, n, context.as_deref(), &mut out)?;

@@ -13,6 +13,7 @@ use serde_json::Value;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::format_size;
 use sparsekit_cli::info::{allocation, size_line, write_check, write_tree};
+use sparsekit_cli::source::ImageOptions;
 use sparsekit_qcow2::{ChainInfo, Image, Qcow2};
 
 /// Show what a qcow2 image is, how much of it is allocated, and whether it
@@ -23,6 +24,8 @@ use sparsekit_qcow2::{ChainInfo, Image, Qcow2};
 struct Args {
     /// The qcow2 image.
     image: PathBuf,
+    #[command(flatten)]
+    open: ImageOptions,
     /// JSON value-equal to `qemu-img info --output=json` (with --check: to
     /// `qemu-img check --output=json`), plus an `allocation` object.
     #[arg(long)]
@@ -59,19 +62,26 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = BufWriter::new(io::stdout().lock());
+    let open_top = |p: &Path| {
+        if args.open.untrusted {
+            Qcow2::open_untrusted(p)
+        } else {
+            Qcow2::open(p)
+        }
+    };
     if args.bitmap {
-        let q = Qcow2::open(&args.image)?;
+        let q = open_top(&args.image)?;
         write_bitmap(&q, args.zlib, args.output.as_deref(), &mut out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.allocated {
-        let q = Qcow2::open(&args.image)?;
+        let q = open_top(&args.image)?;
         writeln!(out, "{}", q.allocated_bytes()?)?;
         out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.check {
-        let q = Qcow2::open(&args.image)?;
+        let q = open_top(&args.image)?;
         let r = q.check()?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &r)?;
@@ -83,7 +93,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(r.exit_code() as u8));
     }
     let entries: Vec<(Value, Option<Value>)> = if args.backing_chain {
-        let img = Image::open(&args.image)?;
+        let img = Image::open_with(&args.image, &args.open.chain())?;
         img.info_chain()?
             .into_iter()
             .zip(img.layers())
@@ -100,7 +110,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
             .collect::<anyhow::Result<_>>()?
     } else {
-        let q = Qcow2::open(&args.image)?;
+        let q = open_top(&args.image)?;
         vec![(serde_json::to_value(q.info()?)?, Some(allocation_of(&q)?))]
     };
     if args.json {
