@@ -95,12 +95,13 @@ pub fn open(
     let uri: sparsekit_nbd::NbdUri = spec
         .parse()
         .with_context(|| format!("{spec}: not a usable NBD URI"))?;
-    let src = sparsekit_copy::NbdSource::connect(&uri, contexts, connections)?;
+    let timeout = (image.timeout > 0).then(|| std::time::Duration::from_secs(image.timeout));
+    let src = sparsekit_copy::NbdSource::connect(&uri, contexts, connections, timeout)?;
     Ok(Source::Nbd(Box::new(src)))
 }
 
 /// How images are opened: the flags every tool takes.
-#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct ImageOptions {
     /// qcow2: read the image alone, without its backing file (what it does
     /// not allocate reads as zeros).
@@ -110,6 +111,10 @@ pub struct ImageOptions {
     /// data file names that are absolute or lead out of its folder.
     #[arg(long)]
     pub untrusted: bool,
+    /// NBD: give up on a server that does not answer for this many seconds
+    /// (0: wait forever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
 }
 
 impl ImageOptions {

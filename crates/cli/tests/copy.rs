@@ -318,23 +318,32 @@ fn unreadable_missing_and_bad_destinations() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("the destination is the source file"));
 }
 
-/// True once `pid` has a handler for SIGINT (bit 2 of SigCgt).
-fn catches_sigint(pid: u32) -> bool {
+/// True once `pid` has handlers for SIGINT and SIGTERM (their bits in
+/// SigCgt of /proc/PID/status).
+fn catches_signals(pid: u32) -> bool {
+    use nix::sys::signal::Signal;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let want = (1u64 << (Signal::SIGINT as u32 - 1)) | (1u64 << (Signal::SIGTERM as u32 - 1));
     status
         .lines()
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|m| m & (1 << (libc_sigint() - 1)) != 0)
+        .is_some_and(|m| m & want == want)
 }
 
-fn libc_sigint() -> u32 {
-    nix::sys::signal::Signal::SIGINT as u32
-}
-
-/// SIGINT stops the workers cleanly: exit 1, "interrupted", how far it got.
+/// SIGINT and SIGTERM stop the workers cleanly: exit 1, "interrupted",
+/// how far it got.
 #[test]
 fn sigint_mid_copy() {
+    signal_mid_copy(nix::sys::signal::Signal::SIGINT);
+}
+
+#[test]
+fn sigterm_mid_copy() {
+    signal_mid_copy(nix::sys::signal::Signal::SIGTERM);
+}
+
+fn signal_mid_copy(signal: nix::sys::signal::Signal) {
     let src = fixture("many-extents.raw");
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_copy"))
@@ -345,18 +354,14 @@ fn sigint_mid_copy() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while !catches_sigint(child.id()) {
+    while !catches_signals(child.id()) {
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "copy never installed its SIGINT handler"
+            "copy never installed its signal handlers"
         );
         std::thread::sleep(Duration::from_micros(200));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

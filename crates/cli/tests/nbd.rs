@@ -382,3 +382,32 @@ fn unreachable_server_and_tls_uris() {
     assert_fails_quickly(&sparsekit("map", &[&uri]), t, "none.sock");
     assert_fails_quickly(&sparsekit("map", &["nbds://localhost/x"]), t, "TLS");
 }
+
+/// A server that stops answering: the copy gives up after --timeout, says
+/// so, and exits 1 (no hang).
+#[test]
+fn stalled_server_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = nbdkit(
+        dir.path(),
+        &["--filter=delay", "pattern", "size=64M", "delay-read=120"],
+    );
+    let t = Instant::now();
+    let o = sparsekit(
+        "copy",
+        &[
+            "--timeout",
+            "2",
+            &server.uri(),
+            dir.path().join("out.raw").to_str().unwrap(),
+        ],
+    );
+    assert_fails_quickly(&o, t, "nbd");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no progress within 2s"), "{err}");
+}

@@ -29,13 +29,18 @@ fn lock(m: &Mutex<Client>) -> std::sync::MutexGuard<'_, Client> {
 
 impl NbdSource {
     /// Connects to `uri` negotiating `base:allocation` and `contexts`, with
-    /// up to `connections` connections for reading.
+    /// up to `connections` connections for reading. Every connect, read and
+    /// write gives up after `timeout` (`None`: waits forever).
     pub fn connect(
         uri: &NbdUri,
         contexts: &[String],
         connections: usize,
+        timeout: Option<std::time::Duration>,
     ) -> Result<Self, sparsekit_nbd::Error> {
-        let mut config = ClientConfig::default();
+        let mut config = ClientConfig {
+            timeout,
+            ..ClientConfig::default()
+        };
         for c in contexts {
             if !config.contexts.contains(c) {
                 config.contexts.push(c.clone());

@@ -284,13 +284,14 @@ impl Server {
             socket: socket.to_owned(),
         };
         let t = std::time::Instant::now();
-        while !socket.exists() {
+        // Listening, not only bound: connect until the server accepts.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("{tool} {args:?} exited before listening: {status}");
             }
             assert!(
                 t.elapsed() < std::time::Duration::from_secs(10),
-                "{tool} did not create {}",
+                "{tool} is not listening on {}",
                 socket.display()
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
