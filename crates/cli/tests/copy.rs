@@ -273,7 +273,6 @@ fn destination_file_system_full() {
 
 #[test]
 fn unreadable_missing_and_bad_destinations() {
-    let setpriv = require("setpriv");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         dir.path(),
@@ -283,17 +282,11 @@ fn unreadable_missing_and_bad_destinations() {
     let src = dir.path().join("secret.raw");
     std::fs::write(&src, b"data").unwrap();
     std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
-    let o = Command::new(setpriv)
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_copy"),
-        ])
-        .arg(&src)
-        .arg(dir.path().join("out.raw"))
-        .output()
-        .unwrap();
+    let out = dir.path().join("out.raw");
+    let o = sparsekit_testkit::run_as_nobody(
+        env!("CARGO_BIN_EXE_copy"),
+        &[src.as_os_str(), out.as_os_str()],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("secret.raw: opening: Permission denied"));
 

@@ -220,7 +220,6 @@ fn errors_name_the_file_and_exit_1() {
 /// Root reads anything, so the permission error is provoked as nobody.
 #[test]
 fn permission_denied() {
-    let setpriv = require("setpriv");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         dir.path(),
@@ -230,16 +229,7 @@ fn permission_denied() {
     let path = dir.path().join("secret.raw");
     std::fs::write(&path, b"data").unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
-    let o = Command::new(setpriv)
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_map"),
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let o = sparsekit_testkit::run_as_nobody(env!("CARGO_BIN_EXE_map"), &[path.as_os_str()]);
     assert_fails(&o, "secret.raw: opening: Permission denied");
 }
 

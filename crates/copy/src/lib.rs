@@ -518,16 +518,24 @@ fn run_parallel<'a>(
     }
 }
 
-/// The source range a copy with `opts` covers.
-fn source_range(source: &dyn Source, opts: &CopyOptions) -> Result<Range<u64>, Error> {
+/// The source range a copy or verify with `opts` covers, and the chunk
+/// size it works in.
+fn prepare(source: &dyn Source, opts: &CopyOptions) -> Result<(Range<u64>, usize), Failed> {
     if opts.skip > source.size() {
-        return Err(Error::SkipPastEnd {
-            source_name: source.name().into(),
-            skip: opts.skip,
-            size: source.size(),
+        return Err(Failed {
+            done_before: opts.skip,
+            bytes_written: 0,
+            error: Error::SkipPastEnd {
+                source_name: source.name().into(),
+                skip: opts.skip,
+                size: source.size(),
+            },
         });
     }
-    Ok(opts.skip..source.size())
+    Ok((
+        opts.skip..source.size(),
+        opts.chunk_size.max(SPARSE_BLOCK as usize),
+    ))
 }
 
 /// Bytes of the destination a copy with `opts` writes up to: the end of
@@ -544,13 +552,12 @@ pub fn copy(
     progress: &dyn Progress,
     stop: &AtomicBool,
 ) -> Result<CopyStats, Failed> {
+    let (range, chunk) = prepare(source, opts)?;
     let fail = |error| Failed {
         done_before: opts.skip,
         bytes_written: 0,
         error,
     };
-    let range = source_range(source, opts).map_err(fail)?;
-    let chunk = opts.chunk_size.max(SPARSE_BLOCK as usize);
     let dirty = match &opts.bitmap {
         None => None,
         Some(b) => Some(
@@ -649,13 +656,7 @@ pub fn verify(
     progress: &dyn Progress,
     stop: &AtomicBool,
 ) -> Result<(), Failed> {
-    let fail = |error| Failed {
-        done_before: opts.skip,
-        bytes_written: 0,
-        error,
-    };
-    let range = source_range(source, opts).map_err(fail)?;
-    let chunk = opts.chunk_size.max(SPARSE_BLOCK as usize);
+    let (range, chunk) = prepare(source, opts)?;
     progress.start(range.end - range.start);
     let planner = Planner::new(source, range, opts.dest_offset, chunk as u64, None);
     let none = AtomicU64::new(0);

@@ -331,6 +331,17 @@ pub fn drop_cache(path: &Path) {
     .unwrap();
 }
 
+/// Runs `exe args...` as the unprivileged user nobody (uid and gid 65534)
+/// with setpriv: root reads any file, so permission errors need another
+/// user.
+pub fn run_as_nobody(exe: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(require("setpriv"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", exe])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// Runs `tool args...` and returns its standard output; panics with its
 /// standard error if it fails.
 pub fn run(tool: &str, args: &[&str]) -> String {
