@@ -616,45 +616,52 @@ impl Qcow2 {
     pub fn write_allocation_bitmap(&self, out: &mut dyn std::io::Write) -> Result<u64> {
         let h = &self.header;
         let clusters = h.size.div_ceil(h.cluster_size());
+        // A power of two of at least 32 (512-byte clusters of 16-byte
+        // entries): every L2 table covers whole bytes of the bitmap, and
+        // each starts at bit 0 of a byte.
         let per_l2 = h.l2_entries();
-        let mut byte = 0u8;
+        let es = h.l2_entry_size() as usize;
         let mut count = 0;
-        let mut pending: Vec<u8> = Vec::with_capacity(per_l2.div_ceil(8) as usize + 1);
+        // One table buffer for the whole walk: tables are read once each,
+        // in order, so the shared L2 cache would only cost allocations and
+        // evict what other readers use.
+        let mut table = vec![0u8; self.cluster_size() as usize];
+        let mut bytes: Vec<u8> = Vec::with_capacity(per_l2.div_ceil(8) as usize);
         let mut i = 0;
-        let flush = |pending: &mut Vec<u8>, out: &mut dyn std::io::Write| {
-            out.write_all(pending).map_err(|source| Error::Read {
+        while i < clusters {
+            let l1_index = i / per_l2;
+            let end = ((l1_index + 1) * per_l2).min(clusters);
+            let n = (end - i) as usize;
+            bytes.clear();
+            bytes.resize(n.div_ceil(8), 0);
+            if let Some(o) = self.l2_offset(l1_index)? {
+                pread_within(&self.host.file, self.host.size, &mut table, o.0, "L2 table")?;
+                // Eight entries (one output byte) at a time; an all-zero
+                // entry is unallocated and breaks no rule, so the groups
+                // of a sparse disk's tables that are all zero are passed
+                // over without decoding (this loop vectorises).
+                for (g, group) in table[..n * es].chunks(8 * es).enumerate() {
+                    if group.iter().fold(0u8, |a, &b| a | b) == 0 {
+                        continue;
+                    }
+                    for (k, e) in group.chunks_exact(es).enumerate() {
+                        if e.iter().all(|&b| b == 0) {
+                            continue;
+                        }
+                        let index = (g * 8 + k) as u64;
+                        if self.decode_l2(&table, o.0, index)?.has_host_data() {
+                            bytes[g] |= 1 << k;
+                            count += 1;
+                        }
+                    }
+                }
+            }
+            out.write_all(&bytes).map_err(|source| Error::Read {
                 what: "allocation bitmap output",
                 offset: 0,
                 source,
             })?;
-            pending.clear();
-            Ok::<(), Error>(())
-        };
-        while i < clusters {
-            let l1_index = i / per_l2;
-            let end = ((l1_index + 1) * per_l2).min(clusters);
-            let l2 = self.l2_offset(l1_index)?;
-            let table = l2.map(|o| self.l2_table(o)).transpose()?;
-            while i < end {
-                let set = match (&table, l2) {
-                    (Some(t), Some(o)) => self.decode_l2(t, o.0, i % per_l2)?.has_host_data(),
-                    _ => false,
-                };
-                if set {
-                    byte |= 1 << (i % 8);
-                    count += 1;
-                }
-                i += 1;
-                if i % 8 == 0 {
-                    pending.push(byte);
-                    byte = 0;
-                }
-            }
-            flush(&mut pending, out)?;
-        }
-        if i % 8 != 0 {
-            pending.push(byte);
-            flush(&mut pending, out)?;
+            i = end;
         }
         Ok(count)
     }
