@@ -1109,3 +1109,129 @@ impl<R: Read> Iterator for Chunks<R> {
 }
 
 impl<R: Read> std::iter::FusedIterator for Chunks<R> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{StreamLayout, write_stream};
+
+    /// A stream of `size` bytes with clusters of `1 << bits` bytes, data
+    /// in the `(start, end)` ranges, cluster `i` filled with byte `i + 1`.
+    fn stream(size: u64, bits: u32, ranges: &[(u64, u64)]) -> Vec<u8> {
+        let layout = StreamLayout::new(size, bits, ranges.iter().map(|&(a, b)| a..b)).unwrap();
+        write_stream(Vec::new(), &layout, |g, buf| {
+            buf.fill(((g.0 >> bits) as u8).wrapping_add(1));
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    fn chunks(s: &[u8]) -> Vec<(u64, usize)> {
+        StreamDecoder::new(s)
+            .unwrap()
+            .read_tables()
+            .unwrap()
+            .map(|c| c.map(|c| (c.guest_offset.0, c.data.len())))
+            .collect::<Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn virtual_size_not_a_multiple_of_512_clips_the_last_chunk() {
+        let mut s = stream(1 << 20, 16, &[((1 << 20) - 1, 1 << 20)]);
+        let size = (1u64 << 20) - 100;
+        s[24..32].copy_from_slice(&size.to_be_bytes()); // header: size
+        let d = StreamDecoder::new(&s[..]).unwrap();
+        assert_eq!(d.virtual_size(), size);
+        let c = d.read_tables().unwrap();
+        assert_eq!(c.data_bytes(), 65536 - 100);
+        let all: Vec<Chunk> = c.collect::<Result<_>>().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].guest_offset, GuestOffset(15 << 16));
+        assert_eq!(all[0].data, vec![16u8; 65536 - 100]);
+    }
+
+    #[test]
+    fn contiguous_clusters_merge_up_to_the_chunk_cap() {
+        // 512-byte clusters, 3 MiB of data then a gap then one cluster.
+        let s = stream(8 << 20, 9, &[(0, 3 << 20), (5 << 20, (5 << 20) + 1)]);
+        assert_eq!(
+            chunks(&s),
+            [
+                (0, 1 << 20),
+                (1 << 20, 1 << 20),
+                (2 << 20, 1 << 20),
+                (5 << 20, 512)
+            ]
+        );
+        // 2 MiB clusters are never merged past one cluster.
+        let s = stream(8 << 20, 21, &[(0, 4 << 20)]);
+        assert_eq!(chunks(&s), [(0, 2 << 20), (2 << 20, 2 << 20)]);
+    }
+
+    #[test]
+    fn reports_sizes_before_the_data() {
+        let s = stream(3 << 20, 16, &[(0, 1), (2 << 20, (2 << 20) + 70_000)]);
+        let d = StreamDecoder::new(&s[..]).unwrap();
+        assert_eq!((d.virtual_size(), d.cluster_size()), (3 << 20, 65536));
+        let c = d.read_tables().unwrap();
+        assert_eq!(c.data_clusters(), 3);
+        assert_eq!(c.data_bytes(), 3 * 65536);
+        assert_eq!(c.position() % 65536, 0, "all tables read, no data yet");
+    }
+
+    /// A reader that fails after `left` bytes.
+    struct Failing<'a> {
+        inner: &'a [u8],
+        left: usize,
+    }
+
+    impl Read for Failing<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::Error::other("cable unplugged"));
+            }
+            let n = buf.len().min(self.left);
+            let n = self.inner.read(&mut buf[..n])?;
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_errors_are_typed_and_stop_the_iterator() {
+        let s = stream(1 << 20, 16, &[(0, 1 << 20)]);
+        let cut = s.len() - 65536 - 10;
+        let r = Failing {
+            inner: &s[..],
+            left: cut,
+        };
+        let mut c = StreamDecoder::new(r).unwrap().read_tables().unwrap();
+        let mut errors = 0;
+        for item in c.by_ref() {
+            if let Err(e) = item {
+                assert!(
+                    matches!(&e, StreamError::Read { offset, .. } if *offset == cut as u64),
+                    "{e:?}"
+                );
+                errors += 1;
+            }
+        }
+        assert_eq!(errors, 1);
+        assert!(c.next().is_none());
+    }
+
+    #[test]
+    fn refuses_a_table_inside_the_header_cluster() {
+        let mut s = stream(1 << 20, 16, &[(0, 1)]);
+        s[48..56].copy_from_slice(&0u64.to_be_bytes()); // refcount table at 0
+        let e = StreamDecoder::new(&s[..])
+            .unwrap()
+            .read_tables()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the refcount table at 0x0 overlaps the header at 0x0"
+        );
+    }
+}

@@ -562,3 +562,73 @@ where
     }
     w.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::Header;
+
+    #[test]
+    fn header_cluster_fields() {
+        let l = StreamLayout::new(1 << 20, 16, std::iter::once(0..1)).unwrap();
+        let h = l.header();
+        assert_eq!(
+            h[..112],
+            [
+                0x51, 0x46, 0x49, 0xfb, // magic "QFI\xfb"
+                0, 0, 0, 3, // version 3
+                0, 0, 0, 0, 0, 0, 0, 0, // backing_file_offset: none
+                0, 0, 0, 0, // backing_file_size
+                0, 0, 0, 16, // cluster_bits: 64 KiB
+                0, 0, 0, 0, 0, 0x10, 0, 0, // size: 1 MiB
+                0, 0, 0, 0, // crypt_method: none
+                0, 0, 0, 1, // l1_size: 1 entry
+                0, 0, 0, 0, 0, 3, 0, 0, // l1_table_offset: 0x30000
+                0, 0, 0, 0, 0, 1, 0, 0, // refcount_table_offset: 0x10000
+                0, 0, 0, 1, // refcount_table_clusters: 1
+                0, 0, 0, 0, // nb_snapshots
+                0, 0, 0, 0, 0, 0, 0, 0, // snapshots_offset
+                0, 0, 0, 0, 0, 0, 0, 0, // incompatible_features
+                0, 0, 0, 0, 0, 0, 0, 0, // compatible_features
+                0, 0, 0, 0, 0, 0, 0, 0, // autoclear_features
+                0, 0, 0, 4, // refcount_order: 16 bits
+                0, 0, 0, 112, // header_length
+                0,   // compression_type: zlib
+                0, 0, 0, 0, 0, 0, 0, // padding
+            ]
+        );
+        assert!(h[112..].iter().all(|&b| b == 0), "no extensions");
+        let parsed = Header::parse(&h).unwrap();
+        assert_eq!(parsed.size, 1 << 20);
+    }
+
+    #[test]
+    fn layout_counts() {
+        // 1 MiB of 64 KiB clusters, data in clusters 0, 3, 4: header,
+        // refcount table, one block, L1, one L2, three data clusters.
+        let l = StreamLayout::new(1 << 20, 16, [200_000..300_000, 10..20]).unwrap();
+        assert_eq!(l.data_clusters(), 3);
+        assert_eq!(l.metadata_clusters(), 5);
+        assert_eq!(l.data_offset(), HostOffset(5 << 16));
+        assert_eq!(l.stream_len(), 8 << 16);
+        let c: Vec<u64> = l.clusters().map(|g| g.0).collect();
+        assert_eq!(c, [0, 3 << 16, 4 << 16]);
+        // Overlapping and adjacent ranges merge.
+        let l = StreamLayout::new(1 << 20, 16, [0..70_000, 65536..131072, 131072..131073]).unwrap();
+        assert_eq!(l.data_clusters(), 3);
+        // Rounded up to 512, last cluster short.
+        let l = StreamLayout::new(100_000, 16, std::iter::once(99_999..100_000)).unwrap();
+        assert_eq!(l.virtual_size(), 100_352);
+        assert_eq!(l.cluster_len(GuestOffset(65536)), 100_352 - 65536);
+    }
+
+    #[test]
+    fn refcount_blocks_count_themselves() {
+        // 512-byte clusters: 256 refcounts per block. 250 data clusters
+        // plus header, L1 and 4 L2 tables need 256 refcounts before the
+        // refcount structures, so a second block (and its own refcount).
+        let l = StreamLayout::new(250 * 512, 9, std::iter::once(0..250 * 512)).unwrap();
+        assert_eq!((l.l1_clusters, l.l2_tables), (1, 4));
+        assert_eq!((l.refcount_table_clusters, l.refcount_blocks), (1, 2));
+    }
+}
