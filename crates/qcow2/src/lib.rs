@@ -17,6 +17,11 @@
 //!   ([`CheckResult`] serializes to its `--output=json`); [`Qcow2::info`]
 //!   gives `qemu-img info --output=json` ([`ImageInfo`]);
 //!   [`Qcow2::write_allocation_bitmap`] streams one bit per guest cluster.
+//! - [`StreamDecoder`] reads an image from a forward-only stream (a pipe,
+//!   standard input) in the layout of qemu's `qcow2-to-stdout.py`, and
+//!   [`Chunks`] yields its data as `(guest offset, bytes)` [`Chunk`]s with
+//!   bounded memory; [`StreamLayout`] and [`StreamWriter`] (or
+//!   [`write_stream`]) write such a stream.
 //!
 //! Everything is read-only: files are opened with `File::open` and read
 //! with `pread`; nothing an image says is allocated before it is checked
@@ -67,7 +72,9 @@ mod info;
 mod map;
 mod seek;
 mod snapshot;
+mod stream;
 mod types;
+mod writer;
 
 pub use bitmap::{
     Bitmap, BitmapCluster, BitmapTableEntry, DirtyRanges, RawBitmapEntry, flags as bitmap_flags,
@@ -91,4 +98,9 @@ pub use info::{
 };
 pub use map::{MapEntry, MapIter, merge_entries};
 pub use snapshot::{RawSnapshotHeader, Snapshot};
+pub use stream::{
+    Chunk, Chunks, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES, StreamDecoder, StreamError,
+    StreamLimits,
+};
 pub use types::{GuestOffset, HostOffset};
+pub use writer::{DEFAULT_CLUSTER_BITS, StreamLayout, StreamWriter, WriteError, write_stream};
