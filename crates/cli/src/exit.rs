@@ -27,11 +27,13 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
 }
 
 /// Turns the result of a binary's `run` into its exit code, printing the
-/// error chain (`tool: error: context: cause`) on failure.
+/// error chain (`tool: error: context: cause`) on failure. A broken pipe
+/// ends `map` and `qcow2-info` successfully (`map x | head`); for `copy` it
+/// means the data was not delivered, which is a failure.
 pub fn finish(tool: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if tool != "copy" && is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{tool}: error: {e:#}");
             ExitCode::FAILURE

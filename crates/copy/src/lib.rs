@@ -50,6 +50,7 @@ mod nbd;
 mod qcow2;
 mod sink;
 mod source;
+pub mod stream;
 mod sys;
 
 pub use nbd::{NbdSource, StatusStream};
@@ -171,6 +172,9 @@ pub enum Error {
     /// A stop was requested (SIGINT, SIGTERM).
     #[error("interrupted")]
     Interrupted,
+    /// A qcow2 stream could not be read or written.
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
     /// `verify` found a difference.
     #[error("{}: differs from {source_name} at destination offset {offset:#x}", path.display())]
     Differs {

@@ -21,10 +21,12 @@ use sparsekit_copy::{CopyOptions, DestMode, Method, RawSource, Sink, copy, dest_
 #[command(name = "copy", version)]
 struct Args {
     /// A regular file, block device or qcow2 image (the format is detected
-    /// by magic), or an NBD URI (nbd://HOST[:PORT]/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH).
+    /// by magic), an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH), or `-`: a forward-only qcow2 stream
+    /// on standard input.
     source: String,
-    /// A regular file (created or truncated) or a block device.
+    /// A regular file (created or truncated) or a block device; `-` with
+    /// `-O qcow2`: standard output.
     dest: String,
     /// The source's format, instead of detecting it.
     #[arg(short = 'f', long, value_enum)]
@@ -64,6 +66,11 @@ struct Args {
     /// How data is moved.
     #[arg(long, value_enum, default_value = "auto")]
     method: MethodArg,
+    /// Output format: raw (default) or qcow2, written as a forward-only
+    /// stream (header and tables, then data), to DEST or to standard
+    /// output when DEST is `-`.
+    #[arg(short = 'O', long = "output-format", value_enum, default_value = "raw")]
+    output_format: Format,
     /// Incremental copy into an existing DEST: only the ranges dirty in the
     /// persistent bitmap NAME (a qcow2 bitmap, or the NBD context
     /// `qemu:dirty-bitmap:NAME`); dirty data is copied, dirty unallocated
@@ -94,6 +101,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
+    if args.source == "-" {
+        return import_stream(&args, stop);
+    }
     let path = source::local_path(&args.source);
     let jobs = args
         .jobs
@@ -130,6 +140,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         flush: args.flush,
         bitmap: args.bitmap.clone(),
     };
+    if args.output_format == Format::Qcow2 {
+        return export_stream(&args, source, &opts, stop);
+    }
+    anyhow::ensure!(
+        args.dest != "-",
+        "copy: writing raw data to standard output is not supported; use -O qcow2 for a stream"
+    );
     let dest = source::local_path(&args.dest);
     let mode = if args.bitmap.is_some() {
         // An incremental copy updates the previous full copy in place.
@@ -189,5 +206,119 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             source.name()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn options(args: &Args) -> CopyOptions {
+    CopyOptions {
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| CopyOptions::default().jobs)
+            .max(1),
+        chunk_size: args.chunk_size as usize,
+        sparse: !args.no_sparse,
+        flush: args.flush,
+        ..CopyOptions::default()
+    }
+}
+
+fn show_progress(args: &Args) -> bool {
+    !args.no_progress && (args.progress || std::io::stderr().is_terminal())
+}
+
+/// `copy - DEST`: a qcow2 stream on standard input to a raw DEST.
+fn import_stream(args: &Args, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        matches!(args.format, None | Some(Format::Qcow2)),
+        "copy: standard input is read as a qcow2 stream; -f raw does not apply"
+    );
+    anyhow::ensure!(
+        args.bitmap.is_none() && args.offset == 0 && args.skip == 0,
+        "copy: --bitmap, --offset and --skip do not apply to a stream"
+    );
+    anyhow::ensure!(
+        args.output_format == Format::Raw && args.dest != "-",
+        "copy: a stream on standard input is written to a raw file or device"
+    );
+    let opts = options(args);
+    let stdin = std::io::stdin().lock();
+    let decoder =
+        sparsekit_qcow2::StreamDecoder::new(stdin).context("qcow2 stream on standard input")?;
+    let dest = source::local_path(&args.dest);
+    let sink = Sink::open(
+        &dest,
+        decoder.virtual_size(),
+        DestMode::Replace,
+        args.dest_is_zero,
+        &[],
+    )?;
+    let t = Instant::now();
+    let bar = Bar::new(show_progress(args), "copy");
+    let stats = sparsekit_copy::stream::import(decoder, "standard input", &sink, &opts, &bar, stop);
+    bar.finish();
+    let stats = stats.with_context(|| format!("standard input -> {}", dest.display()))?;
+    eprintln!(
+        "copy: standard input -> {}: read {} bytes of data ({}), wrote {} bytes, {} bytes of zero blocks left as holes, in {:.2} s",
+        dest.display(),
+        stats.data_read,
+        format_size(stats.data_read),
+        stats.data_written,
+        stats.zero_detected,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `copy -O qcow2 SOURCE DEST|-`: SOURCE as a forward-only qcow2 stream.
+fn export_stream(
+    args: &Args,
+    source: &dyn sparsekit_copy::Source,
+    opts: &CopyOptions,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.bitmap.is_none() && args.offset == 0 && args.skip == 0 && !args.verify,
+        "copy: --bitmap, --offset, --skip and --verify do not apply to -O qcow2"
+    );
+    let t = Instant::now();
+    let bar = Bar::new(show_progress(args), "copy");
+    let (name, stats) = if args.dest == "-" {
+        let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        let r = sparsekit_copy::stream::export(
+            source,
+            out,
+            "standard output",
+            sparsekit_qcow2::DEFAULT_CLUSTER_BITS,
+            opts,
+            &bar,
+            stop,
+        );
+        ("standard output".to_string(), r)
+    } else {
+        let dest = source::local_path(&args.dest);
+        let file = std::fs::File::create(&dest)
+            .with_context(|| format!("{}: creating", dest.display()))?;
+        let out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let name = dest.display().to_string();
+        let r = sparsekit_copy::stream::export(
+            source,
+            out,
+            &name,
+            sparsekit_qcow2::DEFAULT_CLUSTER_BITS,
+            opts,
+            &bar,
+            stop,
+        );
+        (name, r)
+    };
+    bar.finish();
+    let stats = stats.with_context(|| format!("{} -> {name}", source.name()))?;
+    eprintln!(
+        "copy: {} -> {name}: qcow2 stream of {} bytes ({} data clusters), in {:.2} s",
+        source.name(),
+        stats.stream_bytes,
+        stats.data_clusters,
+        t.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,232 @@
+//! qcow2 streams through real pipes: `copy -O qcow2 SRC - | copy - OUT`
+//! against `qemu-img convert -O raw`, exported streams against `qemu-img
+//! check` and `compare`, qemu-made images piped in with `cat`, and broken
+//! streams.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use sparsekit_testkit::{fixture, run};
+
+const COPY: &str = env!("CARGO_BIN_EXE_copy");
+
+/// `copy -O qcow2 src - | copy - out`, both ends real processes.
+fn round_trip(src: &Path, out: &Path) -> (Output, Output) {
+    let mut export = Command::new(COPY)
+        .args(["-O", "qcow2"])
+        .arg(src)
+        .arg("-")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let import = Command::new(COPY)
+        .arg("-")
+        .arg(out)
+        .stdin(Stdio::from(export.stdout.take().unwrap()))
+        .output()
+        .unwrap();
+    (export.wait_with_output().unwrap(), import)
+}
+
+/// `cat file | copy - out`.
+fn pipe_in(file: &Path, out: &Path) -> Output {
+    let mut cat = Command::new("cat")
+        .arg(file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = Command::new(COPY)
+        .arg("-")
+        .arg(out)
+        .stdin(Stdio::from(cat.stdout.take().unwrap()))
+        .output()
+        .unwrap();
+    let _ = cat.wait();
+    o
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn round_trips_equal_qemu_img_convert() {
+    let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed");
+    for name in [
+        "empty.raw",
+        "all-hole.raw",
+        "all-data.raw",
+        "holes-data.raw",
+        "zero-data.raw",
+        "fallocated.raw",
+        "unaligned.raw",
+        "v3.qcow2",
+        "v2.qcow2",
+        "c512-rc1.qcow2",
+        "c2m-rc64.qcow2",
+        "zlib.qcow2",
+        "zstd.qcow2",
+        "zero-clusters.qcow2",
+        "extended-l2.qcow2",
+        "prealloc-metadata.qcow2",
+        "chain-top.qcow2",
+        "unaligned.qcow2",
+        "snapshots.qcow2",
+        "datafile.qcow2",
+    ] {
+        let src = fixture(name);
+        let out = dir.path().join("out.raw");
+        let theirs = dir.path().join("qemu.raw");
+        let (e, i) = round_trip(&src, &out);
+        ok(&e, &format!("export {name}"));
+        ok(&i, &format!("import {name}"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                src.to_str().unwrap(),
+                theirs.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            same(&out, &theirs),
+            "{name}: round trip differs from qemu-img convert"
+        );
+
+        // The same stream as a file: a valid image equal to the source.
+        let q = dir.path().join("stream.qcow2");
+        ok(
+            &Command::new(COPY)
+                .args(["-O", "qcow2"])
+                .arg(&src)
+                .arg(&q)
+                .output()
+                .unwrap(),
+            name,
+        );
+        run("qemu-img", &["check", "-q", q.to_str().unwrap()]);
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-q"])
+            .arg(&q)
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "{name}: qemu-img compare: {}",
+            String::from_utf8_lossy(&cmp.stdout)
+        );
+        // Only data crosses the pipe: holes stay out of the stream.
+        let stream_len = std::fs::metadata(&q).unwrap().len();
+        let allocated = std::fs::metadata(&theirs)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap();
+        assert!(
+            stream_len <= allocated + (64 << 10) * 8 + (2 << 20) * 4,
+            "{name}: {stream_len} bytes of stream for {allocated} allocated"
+        );
+        for f in [&out, &theirs, &q] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+}
+
+/// Images qemu wrote in forward order (one L2 table, allocated before the
+/// data), compressed ones included, decode from `cat`.
+#[test]
+fn qemu_made_forward_images_decode_from_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["v3.qcow2", "zlib.qcow2", "zstd.qcow2"] {
+        let src = fixture(name);
+        let out = dir.path().join("out.raw");
+        ok(&pipe_in(&src, &out), name);
+        let theirs = dir.path().join("qemu.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                src.to_str().unwrap(),
+                theirs.to_str().unwrap(),
+            ],
+        );
+        assert!(same(&out, &theirs), "{name}");
+    }
+}
+
+fn fails(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn broken_streams_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.raw");
+    // Tables after data: qemu allocated this 3 TiB image's L2 tables as it
+    // wrote, between data clusters.
+    fails(
+        &pipe_in(&fixture("huge-3t.qcow2"), &out),
+        "not a forward-only stream",
+    );
+
+    let good = dir.path().join("good.qcow2");
+    ok(
+        &Command::new(COPY)
+            .args(["-O", "qcow2"])
+            .arg(fixture("holes-data.raw"))
+            .arg(&good)
+            .output()
+            .unwrap(),
+        "export",
+    );
+    let bytes = std::fs::read(&good).unwrap();
+    // Truncated: in the header, in the tables, in the data.
+    for cut in [50, 70_000, bytes.len() - 1000] {
+        let t = dir.path().join("cut.qcow2");
+        std::fs::write(&t, &bytes[..cut]).unwrap();
+        fails(&pipe_in(&t, &out), "truncated");
+    }
+    // Garbage after the magic.
+    let mut g = bytes.clone();
+    for b in &mut g[4..104] {
+        *b = 0xa5;
+    }
+    let t = dir.path().join("garbage.qcow2");
+    std::fs::write(&t, &g).unwrap();
+    fails(&pipe_in(&t, &out), "qcow2 stream on standard input");
+    // Not a qcow2 stream at all.
+    fails(
+        &pipe_in(&fixture("holes-data.raw"), &out),
+        "qcow2 stream on standard input",
+    );
+}
+
+#[test]
+fn stream_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("holes-data.raw");
+    let o = Command::new(COPY).arg(&src).arg("-").output().unwrap();
+    fails(&o, "use -O qcow2");
+    let o = Command::new(COPY)
+        .args(["-O", "qcow2", "--skip", "4096"])
+        .arg(&src)
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    fails(&o, "do not apply to -O qcow2");
+}
