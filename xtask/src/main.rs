@@ -38,6 +38,10 @@ enum Task {
         /// Runs per command (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Only the image workloads (qcow2, W3, NBD, stream), printed to
+        /// standard output; BENCHMARKS.md is left as it is.
+        #[arg(long)]
+        images_only: bool,
     },
 }
 
@@ -47,7 +51,9 @@ fn main() -> ExitCode {
         Task::Fixtures { bench } => ensure_tools().and_then(|()| fixtures(bench)),
         Task::Test { cargo_args } => test(&cargo_args),
         Task::Demo => ensure_tools().and_then(|()| demo::run()),
-        Task::Bench { runs } => ensure_tools().and_then(|()| bench::run(runs)),
+        Task::Bench { runs, images_only } => {
+            ensure_tools().and_then(|()| bench::run(runs, images_only))
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

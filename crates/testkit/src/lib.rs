@@ -33,6 +33,10 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("truncate", "coreutils"),
     ("losetup", "mount"),
     ("setpriv", "util-linux"),
+    ("bmaptool", "bmap-tools"),
+    ("python3", "python3"),
+    ("strace", "strace"),
+    ("cp", "coreutils"),
 ];
 
 /// The workspace root.

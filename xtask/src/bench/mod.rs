@@ -1,5 +1,15 @@
 //! `cargo xtask bench`: sparsekit and its peers timed side by side in one
 //! run, written to BENCHMARKS.md as ratios.
+//!
+//! - `map`: a file with 200,000 extents (here);
+//! - `copy`: the workloads of issue 4, warm and cold ([`copy`]).
+//!
+//! A child's peak RSS from wait4 starts at xtask's own peak (the child is
+//! spawned from xtask's memory), so xtask keeps its own footprint small:
+//! maps and file comparisons are streamed, never held whole.
+
+mod copy;
+mod images;
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -19,13 +29,21 @@ struct Sample {
     max_rss_kib: u64,
 }
 
-/// Runs `argv` with standard output to /dev/null; wall time and peak RSS
-/// (from wait4's rusage, so only this child is counted).
-fn measure(argv: &[OsString]) -> anyhow::Result<Sample> {
+/// Runs `argv` with standard output to /dev/null and standard error to
+/// `stderr_log` (when given: shown if the command fails); wall time and
+/// peak RSS (from wait4's rusage, so only this child is counted).
+fn measure(argv: &[OsString], stderr_log: Option<&Path>) -> anyhow::Result<Sample> {
+    let stderr = match stderr_log {
+        Some(p) => Stdio::from(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        ),
+        None => Stdio::inherit(),
+    };
     let t = Instant::now();
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("starting {argv:?}"))?;
     let mut status = 0;
@@ -39,7 +57,10 @@ fn measure(argv: &[OsString]) -> anyhow::Result<Sample> {
         return Err(std::io::Error::last_os_error()).context("wait4");
     }
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{argv:?} failed (wait status {status:#x})");
+        let log = stderr_log
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        bail!("{argv:?} failed (wait status {status:#x}): {}", log.trim());
     }
     Ok(Sample {
         secs,
@@ -125,6 +146,7 @@ fn merged(
 }
 
 /// A command of a workload.
+#[derive(Clone)]
 struct Contender {
     label: String,
     argv: Vec<OsString>,
@@ -148,13 +170,53 @@ fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
 /// Runs every contender `runs` times, interleaved (a, b, c, a, b, c, ...)
 /// after one warm-up each, so that drift in the machine hits all alike.
 fn race(contenders: &[Contender], runs: usize) -> anyhow::Result<Vec<Stats>> {
-    let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     for c in contenders {
-        measure(&c.argv)?;
+        measure(&c.argv, None)?;
     }
-    for _ in 0..runs {
+    race_with(contenders, runs, &mut Hooks::default())
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Says what the bench is doing, with the time since it started.
+fn note(what: &str) {
+    let t = START.get_or_init(Instant::now).elapsed().as_secs();
+    eprintln!("xtask: [{:2}:{:02}] {what}", t / 60, t % 60);
+}
+
+/// What happens around each timed run, untimed.
+#[derive(Default)]
+struct Hooks<'a> {
+    /// Before each run (delete the destination, drop the cache, ...).
+    before: Option<Box<dyn FnMut() -> anyhow::Result<()> + 'a>>,
+    /// After each run (delete the destination).
+    after: Option<Box<dyn FnMut() -> anyhow::Result<()> + 'a>>,
+    /// Standard error of the commands goes there.
+    stderr_log: Option<&'a Path>,
+    /// Says which run is going on, on standard error.
+    progress: Option<&'a str>,
+}
+
+/// Runs every contender `runs` times, interleaved, with no warm-up, calling
+/// the hooks around each run.
+fn race_with(
+    contenders: &[Contender],
+    runs: usize,
+    hooks: &mut Hooks<'_>,
+) -> anyhow::Result<Vec<Stats>> {
+    let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
+    for run in 0..runs {
         for (c, s) in contenders.iter().zip(&mut samples) {
-            s.push(measure(&c.argv)?);
+            if let Some(what) = hooks.progress {
+                note(&format!("{what}, run {}/{runs}: {}", run + 1, c.label));
+            }
+            if let Some(f) = &mut hooks.before {
+                f()?;
+            }
+            s.push(measure(&c.argv, hooks.stderr_log)?);
+            if let Some(f) = &mut hooks.after {
+                f()?;
+            }
         }
     }
     Ok(contenders
@@ -187,8 +249,8 @@ fn table(md: &mut String, stats: &[Stats]) {
         let _ = writeln!(
             md,
             "| {} (`{}`) | {:.3} s | {:.3} s | {:.1} MiB | {:.2}× |",
-            s.label,
-            s.cmdline,
+            s.label.replace('|', "\\|"),
+            s.cmdline.replace('|', "\\|"),
             s.median,
             s.min,
             s.max_rss_kib as f64 / 1024.0,
@@ -197,14 +259,42 @@ fn table(md: &mut String, stats: &[Stats]) {
     }
 }
 
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// MemTotal of /proc/meminfo in GiB (0 if unreadable).
+fn memory_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            kib.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / (1 << 20) as f64)
+}
+
 fn tool_version(cmd: &str, arg: &str) -> String {
     output(Command::new(cmd).arg(arg))
         .map(|s| s.lines().next().unwrap_or("").trim().to_string())
         .unwrap_or_else(|_| "?".into())
 }
 
-pub fn run(runs: usize) -> anyhow::Result<()> {
+pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    if images_only {
+        let bin = release_build()?;
+        crate::fixtures(true)?;
+        let mut md = String::new();
+        images::run(&mut md, &bin, runs)?;
+        print!("{md}");
+        return Ok(());
+    }
+    START.get_or_init(Instant::now);
+    let load_start = load_average();
     let bin = release_build()?;
     crate::fixtures(true)?;
     let map = bin.join("map");
@@ -219,12 +309,15 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
         md,
         "# Benchmarks\n\n\
          Written by `cargo xtask bench` (reproduce with that command; `--runs N` sets the runs \
-         per command, default 5). Every command runs once to warm up, then all of a workload's \
-         commands take turns, `--runs` times; the median wall time is reported, with standard \
-         output sent to /dev/null and peak RSS from wait4. The last column is each command's \
-         median divided by sparsekit's: above 1 means sparsekit is faster.\n\n\
-         Machine: {} cores, Linux {}, fixtures on {}; {}, {}.\n\n",
+         per command, default 5; this file: `--runs {runs}`). Every command runs once to warm \
+         up, then all of a workload's commands take turns, `--runs` times; the median wall \
+         time is reported, with standard output sent to /dev/null and peak RSS from wait4 \
+         (xtask's own footprint at spawn is its floor: see the `true` rows). The ratio columns \
+         are each command's median divided by sparsekit's: above 1 means sparsekit is \
+         faster.\n\n\
+         Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib(),
         tool_version("uname", "-r"),
         fs.trim(),
         tool_version("qemu-img", "--version"),
@@ -288,6 +381,17 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
         md,
         "\nsparsekit `map --json` is {q:.1}× faster than `qemu-img map --output=json` \
          and {ff:.1}× faster than `filefrag -e`.\n"
+    );
+
+    copy::run(&mut md, &bin, runs)?;
+    images::run(&mut md, &bin, runs)?;
+    let _ = writeln!(
+        md,
+        "The whole bench took {:.1} min. Load average (1, 5, 15 min) when it started: \
+         {load_start}; when it ended: {}. Other work on the machine shares its cores and disk: \
+         the spread between the median and min columns shows how much.\n",
+        START.get_or_init(Instant::now).elapsed().as_secs_f64() / 60.0,
+        load_average()
     );
 
     let path = root().join("BENCHMARKS.md");
