@@ -573,7 +573,7 @@ pub fn copy(
     progress.start(range.end - range.start);
     let planner = Planner::new(source, range.clone(), opts.dest_offset, chunk as u64, dirty);
     let raw = source.raw_file();
-    // Zero detection pays only where skipping a write leaves zeros behind.
+    // Zero detection pays only where leaving a write out leaves zeros behind.
     let sparse = opts.sparse && (sink.kind() == DestKind::Regular || sink.known_zero());
     let use_cfr = AtomicBool::new(match opts.method {
         Method::Auto => !sparse && raw.is_some() && sink.kind() == DestKind::Regular,
