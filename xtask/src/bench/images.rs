@@ -34,6 +34,20 @@ fn best_peer(stats: &[Stats]) -> (&str, f64) {
         })
 }
 
+/// Hooks that delete `out` (untimed) before each run, so every contender
+/// writes a new file.
+fn removing_before_each<'a>(out: &Path, what: &'a str) -> Hooks<'a> {
+    let out = out.to_owned();
+    Hooks {
+        before: Some(Box::new(move || {
+            let _ = std::fs::remove_file(&out);
+            Ok(())
+        })),
+        progress: Some(what),
+        ..Hooks::default()
+    }
+}
+
 fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
     Ok(Command::new("cmp")
         .arg("-s")
@@ -206,15 +220,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 c.label
             );
         }
-        let out2 = out.clone();
-        let mut hooks = Hooks {
-            before: Some(Box::new(move || {
-                let _ = std::fs::remove_file(&out2);
-                Ok(())
-            })),
-            progress: Some("W3"),
-            ..Hooks::default()
-        };
+        let mut hooks = removing_before_each(&out, "W3");
         let stats = race_with(&contenders, runs, &mut hooks)?;
         let _ = std::fs::remove_file(&out);
         let _ = writeln!(
@@ -274,15 +280,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             c[0]
         );
     }
-    let out2 = out.clone();
-    let mut hooks = Hooks {
-        before: Some(Box::new(move || {
-            let _ = std::fs::remove_file(&out2);
-            Ok(())
-        })),
-        progress: Some("NBD copy"),
-        ..Hooks::default()
-    };
+    let mut hooks = removing_before_each(&out, "NBD copy");
     let stats = race_with(
         &[
             contender("sparsekit copy", &[&copy, &"--no-progress", &uri, &out]),
@@ -362,15 +360,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         same_bytes(&out, &reference)?,
         "the stream decoded to other bytes than qemu-img convert"
     );
-    let out2 = out.clone();
-    let mut hooks = Hooks {
-        before: Some(Box::new(move || {
-            let _ = std::fs::remove_file(&out2);
-            Ok(())
-        })),
-        progress: Some("stream"),
-        ..Hooks::default()
-    };
+    let mut hooks = removing_before_each(&out, "stream");
     let stats = race_with(
         &[
             contender("sparsekit: cat stream | copy - OUT", &[&"sh", &"-c", &pipe]),
