@@ -218,6 +218,18 @@ pub enum Method {
     CopyFileRange,
 }
 
+/// Default worker count: four per core, between 4 and 16.
+///
+/// Workers block in reads: from a cold cache one worker per core leaves
+/// the disk idle most of the time (on a 4 GiB file with 200,000 small
+/// extents, 2 workers took 10 s and 8 took 3.3-4.2 s, on 2 cores), while
+/// warm copies were no slower with 8. Memory stays bounded: each worker
+/// owns one chunk-sized buffer, touched only as far as items fill it.
+pub fn default_jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 4).clamp(4, 16)
+}
+
 /// What to copy and how.
 #[derive(Clone, Debug)]
 pub struct CopyOptions {
@@ -245,7 +257,7 @@ pub struct CopyOptions {
 impl Default for CopyOptions {
     fn default() -> Self {
         Self {
-            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            jobs: default_jobs(),
             chunk_size: DEFAULT_CHUNK,
             sparse: true,
             method: Method::Auto,

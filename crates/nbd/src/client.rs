@@ -32,6 +32,9 @@ use crate::wire::{
 /// the size every server must accept).
 pub const MAX_READ_REQUEST: u32 = 32 * 1024 * 1024;
 
+/// Default bytes per read request: [`ClientConfig::read_request`].
+pub const DEFAULT_READ_REQUEST: u32 = 256 * 1024;
+
 /// How to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -48,6 +51,11 @@ pub struct ClientConfig {
     pub timeout: Option<Duration>,
     /// Requests kept in flight on one connection (default 16, at least 1).
     pub max_in_flight: usize,
+    /// Bytes asked for by one read request (default 256 KiB, as nbdcopy):
+    /// a long read is split into requests of this size, all in flight at
+    /// once, so the server reads some while it sends others. Rounded to the
+    /// server's minimum block size and capped by its maximum.
+    pub read_request: u32,
 }
 
 impl Default for ClientConfig {
@@ -59,6 +67,7 @@ impl Default for ClientConfig {
             list_contexts: false,
             timeout: Some(Duration::from_secs(30)),
             max_in_flight: 16,
+            read_request: DEFAULT_READ_REQUEST,
         }
     }
 }
@@ -163,6 +172,7 @@ pub struct Client {
     neg: Negotiated,
     timeout: Option<Duration>,
     max_in_flight: usize,
+    read_request: u32,
     next_cookie: u64,
     poisoned: bool,
     disconnected: bool,
@@ -286,6 +296,7 @@ impl Client {
             },
             timeout: config.timeout,
             max_in_flight: config.max_in_flight.max(1),
+            read_request: config.read_request.max(1),
             next_cookie: 1,
             poisoned: false,
             // No NBD_CMD_DISC until the transmission phase is reached.
@@ -606,11 +617,11 @@ impl Client {
         }
     }
 
-    /// Largest single read request: the server's maximum, capped at 32 MiB,
-    /// a multiple of the minimum block size.
+    /// Size of one read request: the configured size capped by the
+    /// server's maximum (and 32 MiB), a multiple of the minimum block size.
     fn max_read(&self) -> u64 {
         let bs = self.neg.block_size;
-        let m = u64::from(bs.maximum.min(MAX_READ_REQUEST));
+        let m = u64::from(bs.maximum.min(MAX_READ_REQUEST).min(self.read_request));
         let min = u64::from(bs.minimum);
         (m / min * min).max(min)
     }
@@ -634,8 +645,8 @@ impl Client {
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     ///
-    /// The range is split into requests no larger than the server's maximum
-    /// (and 32 MiB); up to `max_in_flight` of them are on the wire at once.
+    /// The range is split into requests of [`ClientConfig::read_request`]
+    /// bytes (at most the server's maximum and 32 MiB); up to `max_in_flight` of them are on the wire at once.
     /// With structured replies, holes are zero-filled and the reply is
     /// checked to describe every byte exactly once. On a server error the
     /// requests already sent are drained, so the connection stays usable,

@@ -33,7 +33,7 @@ struct Args {
     format: Option<Format>,
     #[command(flatten)]
     image: ImageOptions,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: four per core, between 4 and 16).
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
     /// Show a progress bar on standard error (default: when it is a terminal).
@@ -99,6 +99,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Most connections opened to an NBD server for reading.
+const NBD_CONNECTIONS: usize = 4;
+
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
     if args.source == "-" {
@@ -107,14 +110,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let path = source::local_path(&args.source);
     let jobs = args
         .jobs
-        .unwrap_or_else(|| CopyOptions::default().jobs)
+        .unwrap_or_else(sparsekit_copy::default_jobs)
         .max(1);
+    // As nbdcopy: up to 4 connections, each with many requests in flight.
+    let connections = jobs.min(NBD_CONNECTIONS);
     let contexts: Vec<String> = args
         .bitmap
         .iter()
         .map(|b| format!("qemu:dirty-bitmap:{b}"))
         .collect();
-    let opened = source::open(&args.source, args.format, &args.image, &contexts, jobs)?;
+    let opened = source::open(
+        &args.source,
+        args.format,
+        &args.image,
+        &contexts,
+        connections,
+    )?;
     let source_ids = source::file_ids(&opened);
     let source = source::into_copy_source(opened, &path);
     let source = source.as_ref();
@@ -124,10 +135,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         "--chunk-size must be 4k to 1G"
     );
     let opts = CopyOptions {
-        jobs: args
-            .jobs
-            .unwrap_or_else(|| CopyOptions::default().jobs)
-            .max(1),
+        jobs,
         chunk_size: args.chunk_size as usize,
         sparse: !args.no_sparse,
         method: match args.method {
@@ -213,7 +221,7 @@ fn options(args: &Args) -> CopyOptions {
     CopyOptions {
         jobs: args
             .jobs
-            .unwrap_or_else(|| CopyOptions::default().jobs)
+            .unwrap_or_else(sparsekit_copy::default_jobs)
             .max(1),
         chunk_size: args.chunk_size as usize,
         sparse: !args.no_sparse,
