@@ -29,8 +29,10 @@ fn lock(m: &Mutex<Client>) -> std::sync::MutexGuard<'_, Client> {
 
 impl NbdSource {
     /// Connects to `uri` negotiating `base:allocation` and `contexts`, with
-    /// up to `connections` connections for reading. Every connect, read and
-    /// write gives up after `timeout` (`None`: waits forever).
+    /// up to `connections` connections for reading besides the one that
+    /// asks for block status (0: that one reads too, as when the server
+    /// does not allow several). Every connect, read and write gives up after
+    /// `timeout` (`None`: waits forever).
     pub fn connect(
         uri: &NbdUri,
         contexts: &[String],
@@ -46,7 +48,7 @@ impl NbdSource {
                 config.contexts.push(c.clone());
             }
         }
-        let mut clients = Client::connect_multi(uri, &config, connections.max(1) + 1)?;
+        let mut clients = Client::connect_multi(uri, &config, connections + 1)?;
         let status = clients.remove(0);
         // No multi-conn: the one connection serves status and reads.
         let readers = if clients.is_empty() {

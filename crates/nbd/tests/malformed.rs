@@ -29,6 +29,20 @@ fn fake_server(
     hang_up: bool,
     reply: impl FnOnce(Request) -> Vec<u8> + Send + 'static,
 ) -> (tempfile::TempDir, String, std::thread::JoinHandle<()>) {
+    let mut reply = Some(reply);
+    fake_server_with(SIZE, 1, hang_up, move |r| {
+        (reply.take().expect("one request"))(r)
+    })
+}
+
+/// As [`fake_server`], for an export of `size` bytes, answering `requests`
+/// requests.
+fn fake_server_with(
+    size: u64,
+    requests: usize,
+    hang_up: bool,
+    mut reply: impl FnMut(Request) -> Vec<u8> + Send + 'static,
+) -> (tempfile::TempDir, String, std::thread::JoinHandle<()>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -57,7 +71,7 @@ fn fake_server(
                 }
                 7 => {
                     let mut i = vec![0, 0];
-                    i.extend(SIZE.to_be_bytes());
+                    i.extend(size.to_be_bytes());
                     i.extend(1u16.to_be_bytes());
                     s.write_all(&opt_reply(7, 3, &i)).unwrap();
                     s.write_all(&opt_reply(7, 1, &[])).unwrap();
@@ -66,10 +80,12 @@ fn fake_server(
                 o => panic!("unexpected option {o}"),
             }
         }
-        let mut req = [0u8; 28];
-        s.read_exact(&mut req).unwrap();
-        let req = Request::parse(&req).unwrap();
-        let _ = s.write_all(&reply(req));
+        for _ in 0..requests {
+            let mut req = [0u8; 28];
+            s.read_exact(&mut req).unwrap();
+            let req = Request::parse(&req).unwrap();
+            let _ = s.write_all(&reply(req));
+        }
         if hang_up {
             return;
         }
@@ -264,4 +280,47 @@ fn simple_reply_to_structured_read() {
         matches!(protocol(&e), ProtocolError::SimpleReplyToStructuredRead),
         "{e}"
     );
+}
+
+/// A status request longer than the maximum payload (the spec allows it)
+/// refused with NBD_EINVAL is asked again within the maximum payload.
+#[test]
+fn oversized_status_request_refused_is_retried_within_the_payload_limit() {
+    const BIG: u64 = 256 << 20;
+    let lengths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lengths.clone();
+    let (_dir, uri, t) = fake_server_with(BIG, 2, false, move |r| {
+        seen.lock().unwrap().push(r.length);
+        if r.length > 32 << 20 {
+            let mut p = 22u32.to_be_bytes().to_vec();
+            p.extend(0u16.to_be_bytes());
+            let mut v = chunk(
+                NBD_REPLY_FLAG_DONE,
+                ChunkType::ERROR,
+                r.cookie,
+                p.len() as u64,
+            );
+            v.extend(p);
+            return v;
+        }
+        // One extent: the whole request is data.
+        let mut p = 1u32.to_be_bytes().to_vec();
+        p.extend((r.length as u32).to_be_bytes());
+        p.extend(0u32.to_be_bytes());
+        let mut v = chunk(
+            NBD_REPLY_FLAG_DONE,
+            ChunkType::BLOCK_STATUS,
+            r.cookie,
+            p.len() as u64,
+        );
+        v.extend(p);
+        v
+    });
+    let mut c = Client::connect(&uri).unwrap();
+    let got = c.block_status_once("base:allocation", 0..BIG).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].offset, got[0].length), (0, 32 << 20));
+    drop(c);
+    t.join().unwrap();
+    assert_eq!(*lengths.lock().unwrap(), [BIG, 32 << 20]);
 }

@@ -73,7 +73,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.format,
         &args.image,
         context.as_slice(),
-        1,
+        // Mapping needs the status connection alone.
+        0,
     )?;
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     if let Source::Nbd(n) = &src {
