@@ -271,6 +271,70 @@ fn destination_file_system_full() {
     assert!(!err.contains("panicked"));
 }
 
+/// EIO on the destination: a FUSE file (nbdfuse) backed by nbdkit's memory
+/// plugin behind its error filter, failing every write. `--offset 0`
+/// updates the file in place (a FUSE export cannot be truncated).
+#[test]
+fn destination_write_errors() {
+    let nbdfuse = require("nbdfuse");
+    let nbdkit = require("nbdkit");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let disk = mnt.join("disk");
+    let mut server = Command::new(nbdfuse)
+        .arg(&disk)
+        .arg("--command")
+        .arg(nbdkit)
+        .args(["-s", "--filter=error", "memory", "8M"])
+        .args(["error-pwrite=EIO", "error-pwrite-rate=100%"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Unmount(PathBuf, std::process::Child);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = self.1.wait();
+        }
+    }
+    let start = std::time::Instant::now();
+    while std::fs::metadata(&disk).map_or(true, |m| m.len() != 8 << 20) {
+        if let Ok(Some(st)) = server.try_wait() {
+            panic!("nbdfuse exited with {st} before serving {}", disk.display());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nbdfuse did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _guard = Unmount(mnt, server);
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&src, data).unwrap();
+    for extra in [&[][..], &["--dest-is-zero"][..]] {
+        let mut args = vec!["--offset", "0"];
+        args.extend_from_slice(extra);
+        let o = copy(&args, &src, &disk);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("disk: writing") && err.contains("Input/output error"),
+            "{err}"
+        );
+        assert!(
+            err.contains("stopped with everything before source offset"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
+}
+
 #[test]
 fn unreadable_missing_and_bad_destinations() {
     let dir = tempfile::tempdir().unwrap();

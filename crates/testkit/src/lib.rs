@@ -28,6 +28,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("nbdkit", "nbdkit"),
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
+    ("nbdfuse", "libnbd-bin"),
     ("filefrag", "e2fsprogs"),
     ("fallocate", "util-linux"),
     ("truncate", "coreutils"),

@@ -42,9 +42,10 @@ struct Args {
     /// Never show a progress bar.
     #[arg(long)]
     no_progress: bool,
-    /// Write at this offset of DEST, keeping the rest of it.
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    offset: u64,
+    /// Write at this offset of DEST, keeping the rest of it (`--offset 0`
+    /// too: DEST is then updated in place, never truncated).
+    #[arg(long, value_parser = parse_size)]
+    offset: Option<u64>,
     /// Skip this many bytes of SOURCE.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     skip: u64,
@@ -144,7 +145,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             MethodArg::CopyFileRange => Method::CopyFileRange,
         },
         skip: args.skip,
-        dest_offset: args.offset,
+        dest_offset: args.offset.unwrap_or(0),
         flush: args.flush,
         bitmap: args.bitmap.clone(),
     };
@@ -170,7 +171,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         DestMode::Update
-    } else if args.offset > 0 {
+    } else if args.offset.is_some() {
         DestMode::Update
     } else {
         DestMode::Replace
@@ -241,7 +242,7 @@ fn import_stream(args: &Args, stop: &std::sync::atomic::AtomicBool) -> anyhow::R
         "copy: standard input is read as a qcow2 stream; -f raw does not apply"
     );
     anyhow::ensure!(
-        args.bitmap.is_none() && args.offset == 0 && args.skip == 0,
+        args.bitmap.is_none() && args.offset.unwrap_or(0) == 0 && args.skip == 0,
         "copy: --bitmap, --offset and --skip do not apply to a stream"
     );
     anyhow::ensure!(
@@ -285,7 +286,7 @@ fn export_stream(
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        args.bitmap.is_none() && args.offset == 0 && args.skip == 0 && !args.verify,
+        args.bitmap.is_none() && args.offset.unwrap_or(0) == 0 && args.skip == 0 && !args.verify,
         "copy: --bitmap, --offset, --skip and --verify do not apply to -O qcow2"
     );
     let t = Instant::now();
