@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use sparsekit_extent::{Extent, ExtentIterExt};
 
-use crate::error::{Error, ProtocolError};
+use crate::error::{Error, HandshakeError, ProtocolError};
 use crate::handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
 use crate::map::{BASE_ALLOCATION, StatusExtent};
 use crate::reply::{ReadReply, ServerError, StatusReply};
@@ -341,6 +341,11 @@ impl Client {
                 }
                 Ok(None) => {}
                 Err(source) => {
+                    // A refusal leaves both sides at an option boundary:
+                    // say goodbye (best effort; the error is what matters).
+                    if !matches!(source, HandshakeError::Protocol(_)) {
+                        let _ = c.stream.write_all(&Handshake::abort_request());
+                    }
                     c.poisoned = true;
                     return Err(Error::Handshake {
                         uri: c.uri.clone(),
@@ -1092,6 +1097,61 @@ mod tests {
         ));
         drop(c);
         server.join().unwrap();
+    }
+
+    /// A server refusing the export: the client says NBD_OPT_ABORT before
+    /// it goes, and returns the typed refusal.
+    #[test]
+    fn refused_export_ends_with_opt_abort() {
+        let (a, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+            let mut flags = [0u8; 4];
+            s.read_exact(&mut flags).unwrap();
+            let mut seen = Vec::new();
+            loop {
+                let mut h = [0u8; 16];
+                if s.read_exact(&mut h).is_err() {
+                    return seen;
+                }
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+                let mut data = vec![0u8; len];
+                s.read_exact(&mut data).unwrap();
+                seen.push(opt);
+                // Every option refused: NBD_REP_ERR_UNSUP, and for GO
+                // NBD_REP_ERR_UNKNOWN.
+                let t: u32 = if opt == 7 {
+                    (1 << 31) + 6
+                } else {
+                    (1 << 31) + 1
+                };
+                let mut v = 0x0003_e889_0455_65a9_u64.to_be_bytes().to_vec();
+                v.extend(opt.to_be_bytes());
+                v.extend(t.to_be_bytes());
+                v.extend(0u32.to_be_bytes());
+                if opt != 2 {
+                    s.write_all(&v).unwrap();
+                }
+            }
+        });
+        let config = ClientConfig {
+            timeout: Some(Duration::from_secs(10)),
+            ..ClientConfig::default()
+        };
+        let e = Client::handshake_on(Stream::Unix(a), "test".into(), "nope", &config).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Handshake {
+                    source: HandshakeError::UnknownExport { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let seen = server.join().unwrap();
+        assert_eq!(seen.last(), Some(&2), "options seen: {seen:?}");
     }
 
     #[test]

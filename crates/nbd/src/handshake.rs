@@ -348,6 +348,16 @@ impl Handshake {
         Ok(())
     }
 
+    /// `NBD_OPT_ABORT`: what a client sends to end option haggling that
+    /// failed on a server's reply (an unknown export, a refused option),
+    /// so the server can close cleanly instead of seeing a hang-up.
+    pub fn abort_request() -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        b[8..12].copy_from_slice(&Opt::ABORT.0.to_be_bytes());
+        b
+    }
+
     fn send_option(&mut self, opt: Opt, data: &[u8]) {
         self.out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         self.out.extend_from_slice(&opt.0.to_be_bytes());
