@@ -216,8 +216,13 @@ fn run_one(tc: Toolchain, target: &'static str, seconds: u64) -> anyhow::Result<
         }
         match artifact {
             Some(a) => bail!(
-                "fuzz target {target} failed ({status}): input in {a}; keep it in \
+                "fuzz target {target} {} ({status}): input in {a}; keep it in \
                  fuzz/regressions/{target}/ once fixed (full log: {})",
+                if a.contains("/slow-unit-") {
+                    "took 10 s or more on one input"
+                } else {
+                    "failed"
+                },
                 display(&log_path)
             ),
             None => bail!(
