@@ -5,6 +5,8 @@
 //!   fixtures, run every test of the workspace.
 //! - `demo`: release build, fixtures, then the tools at work on them.
 //! - `bench`: side-by-side timings against the peers, written to BENCHMARKS.md.
+//! - `fuzz [TARGET] [--seconds N]`: seed and run the cargo-fuzz targets of
+//!   fuzz/, one after another; `test` ends with a short run of each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,6 +17,7 @@ use sparsekit_testkit as testkit;
 
 mod bench;
 mod demo;
+mod fuzz;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -25,14 +28,27 @@ enum Task {
         #[arg(long)]
         bench: bool,
     },
-    /// Install missing tools (as root, with apt-get), generate fixtures, run every test.
+    /// Install missing tools (as root, with apt-get), generate fixtures, run
+    /// every test, then fuzz each target briefly.
     Test {
+        /// Seconds of fuzzing per target after the tests (0: none).
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
     /// Build in release mode and show the tools at work on generated images.
     Demo,
+    /// Seed, build and run the cargo-fuzz targets (installs cargo-fuzz if
+    /// missing; nightly if rustup has it, else stable with RUSTC_BOOTSTRAP=1).
+    Fuzz {
+        /// Only this target (default: every one, one after another).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Time sparsekit and its peers side by side; write BENCHMARKS.md.
     Bench {
         /// Runs per command (the median is reported).
@@ -49,8 +65,14 @@ fn main() -> ExitCode {
     let task = Task::parse();
     let r = match task {
         Task::Fixtures { bench } => ensure_tools().and_then(|()| fixtures(bench)),
-        Task::Test { cargo_args } => test(&cargo_args),
+        Task::Test {
+            fuzz_seconds,
+            cargo_args,
+        } => test(fuzz_seconds, &cargo_args),
         Task::Demo => ensure_tools().and_then(|()| demo::run()),
+        Task::Fuzz { target, seconds } => {
+            ensure_tools().and_then(|()| fuzz::run(target.as_deref(), seconds).map(drop))
+        }
         Task::Bench { runs, images_only } => {
             ensure_tools().and_then(|()| bench::run(runs, images_only))
         }
@@ -120,13 +142,17 @@ fn fixtures(bench: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+fn test(fuzz_seconds: u64, cargo_args: &[String]) -> anyhow::Result<()> {
     ensure_tools()?;
     fixtures(false)?;
     sh(Command::new(cargo())
         .current_dir(root())
         .args(["test", "--workspace", "--locked"])
-        .args(cargo_args))
+        .args(cargo_args))?;
+    if fuzz_seconds > 0 {
+        fuzz::run(None, fuzz_seconds)?;
+    }
+    Ok(())
 }
 
 fn cargo() -> String {

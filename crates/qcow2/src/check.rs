@@ -3,7 +3,7 @@
 //! counts from every structure, then compare them with the refcounts
 //! stored in the image.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
@@ -12,6 +12,20 @@ use crate::entry::{L1Entry, L2Entry, RefcountTableEntry};
 use crate::error::Result;
 use crate::image::{Qcow2, pread_zero_fill, refcount_in_block};
 use crate::types::be64;
+
+/// Most messages a [`CheckResult`] keeps; past it they are counted in
+/// one last message. A hostile image can make billions of findings.
+pub const MAX_MESSAGES: usize = 10_000;
+
+/// Table entries a check walks at most: 2^20, plus one per two bytes of
+/// the file. Every walk of a real image fits: the active tables, the
+/// distinct snapshot L1 tables and each distinct L2 table (walked once
+/// for the active table and once for all snapshots) are inside the file,
+/// 8 bytes an entry. Only tables referenced over and over, which qemu-img
+/// would walk again for each reference, go past it.
+fn max_check_entries(file_size: u64) -> u64 {
+    (1 << 20) + file_size / 2
+}
 
 /// What `qemu-img check --output=json` prints; counters that are zero
 /// are left out, as qemu-img does.
@@ -111,12 +125,50 @@ struct Checker<'a> {
     file_len: u64,
     cluster_size: u64,
     refcount_max: u64,
+    /// How many references the table being walked stands for: snapshot
+    /// tables referenced more than once are walked once.
+    times: u64,
+    /// Table entries left to walk (see [`max_check_entries`]).
+    budget: u64,
+    /// The budget ran out.
+    gave_up: bool,
+    /// Messages past [`MAX_MESSAGES`].
+    dropped: u64,
 }
 
 impl Checker<'_> {
-    fn corrupt(&mut self, msg: String) {
-        self.res.corruptions += 1;
-        self.res.messages.push(msg);
+    /// A corruption; the message is made only while there is room for
+    /// it (a hostile image makes millions).
+    fn corrupt(&mut self, msg: impl FnOnce() -> String) {
+        self.res.corruptions += self.times;
+        self.message(msg);
+    }
+
+    fn message(&mut self, msg: impl FnOnce() -> String) {
+        if self.res.messages.len() < MAX_MESSAGES {
+            self.res.messages.push(msg());
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    /// Takes `n` entries from the walk budget; false when it is spent,
+    /// which is a check error (reported once, past the message cap).
+    fn spend(&mut self, n: u64) -> bool {
+        if n <= self.budget {
+            self.budget -= n;
+            return true;
+        }
+        if !self.gave_up {
+            self.gave_up = true;
+            self.res.check_errors += 1;
+            self.res.messages.push(format!(
+                "ERROR: stopped counting references after {} table entries: \
+                 tables are referenced over and over",
+                max_check_entries(self.q.file_size())
+            ));
+        }
+        false
     }
 
     /// qemu's `qcow2_inc_refcounts_imrt`.
@@ -128,24 +180,29 @@ impl Checker<'_> {
         // cluster or more past the end is a corruption.
         if (offset as i128) + (size as i128) - (self.file_len as i128) >= self.cluster_size as i128
         {
-            self.corrupt(format!(
-                "ERROR: counting reference for region exceeding the end of the file by one \
+            self.corrupt(|| {
+                format!(
+                    "ERROR: counting reference for region exceeding the end of the file by one \
                  cluster or more: offset {offset:#x} size {size:#x}"
-            ));
+                )
+            });
             return;
         }
         let first = offset / self.cluster_size;
         let last = (offset + size - 1) / self.cluster_size;
         for k in first..=last {
             let c = self.counts.get(k);
-            if c == self.refcount_max {
-                self.corrupt(format!(
-                    "ERROR: overflow cluster offset={:#x}",
-                    k * self.cluster_size
-                ));
+            // `times` references at once: qemu reports each one that
+            // finds the count at its maximum.
+            let room = self.refcount_max - c;
+            if self.times > room {
+                self.counts.set(k, self.refcount_max);
+                self.res.corruptions += self.times - room;
+                let at = k * self.cluster_size;
+                self.message(|| format!("ERROR: overflow cluster offset={:#x}", at));
                 continue;
             }
-            self.counts.set(k, c + 1);
+            self.counts.set(k, c + self.times);
         }
     }
 
@@ -155,17 +212,19 @@ impl Checker<'_> {
             Ok(()) => Some(buf),
             Err(e) => {
                 self.res.check_errors += 1;
-                self.res.messages.push(format!("ERROR: {e}"));
+                self.message(|| format!("ERROR: {e}"));
                 None
             }
         }
     }
 
     /// qemu's `check_refcounts_l1`. `l1_bytes` is bounded by 32 MiB.
-    fn l1(&mut self, offset: u64, entries: u64, active: bool) {
+    /// The L2 tables of a snapshot table are not walked here but counted
+    /// in `snapshot_l2`, to be walked once each.
+    fn l1(&mut self, offset: u64, entries: u64, mut snapshot_l2: Option<&mut BTreeMap<u64, u64>>) {
         let bytes = entries * 8;
         self.inc(offset, bytes);
-        if bytes == 0 {
+        if bytes == 0 || !self.spend(entries) {
             return;
         }
         let Some(table) = self.read(offset, bytes, "L1 table") else {
@@ -177,18 +236,21 @@ impl Checker<'_> {
                 continue;
             }
             if e & L1Entry::RESERVED_MASK != 0 {
-                self.corrupt(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
-                ));
+                self.corrupt(|| format!("ERROR found L1 entry with reserved bits set: {e:x}"));
             }
             let l2 = e & L1Entry::OFFSET_MASK;
             self.inc(l2, self.cluster_size);
             if !l2.is_multiple_of(self.cluster_size) {
-                self.corrupt(format!(
-                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
+                self.corrupt(|| {
+                    format!(
+                        "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                    )
+                });
             }
-            self.l2(l2, active);
+            match snapshot_l2.as_deref_mut() {
+                Some(m) => *m.entry(l2).or_default() += self.times,
+                None => self.l2(l2, true),
+            }
         }
     }
 
@@ -196,6 +258,9 @@ impl Checker<'_> {
     fn l2(&mut self, offset: u64, active: bool) {
         let q = self.q;
         let h = q.header();
+        if !self.spend(h.l2_entries()) {
+            return;
+        }
         let Some(table) = self.read(offset, self.cluster_size, "L2 table") else {
             return;
         };
@@ -209,27 +274,25 @@ impl Checker<'_> {
             let bitmap = if extended { be64(c, 8) } else { 0 };
             let compressed = e & L2Entry::COMPRESSED != 0;
             if !compressed && e & L2Entry::RESERVED_MASK != 0 {
-                self.corrupt(format!(
-                    "ERROR found l2 entry with reserved bits set: {e:x}"
-                ));
+                self.corrupt(|| format!("ERROR found l2 entry with reserved bits set: {e:x}"));
             }
             let off = e & L2Entry::OFFSET_MASK;
             if compressed {
                 if e & L2Entry::COPIED != 0 {
-                    self.corrupt(format!(
+                    self.corrupt(|| format!(
                         "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
                         e & ((1 << x) - 1)
                     ));
                     e &= !L2Entry::COPIED;
                 }
                 if data_file {
-                    self.corrupt(format!(
-                        "ERROR compressed cluster {i} with data file, entry={e:#x}"
-                    ));
+                    self.corrupt(|| {
+                        format!("ERROR compressed cluster {i} with data file, entry={e:#x}")
+                    });
                     continue;
                 }
                 if bitmap != 0 {
-                    self.corrupt(format!(
+                    self.corrupt(|| format!(
                         "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={e:#x}"
                     ));
                     continue;
@@ -252,23 +315,25 @@ impl Checker<'_> {
             }
             if !allocated {
                 if bitmap & 0xffff_ffff != 0 {
-                    self.corrupt(
+                    self.corrupt(|| {
                         "ERROR: Unallocated cluster has non-zero subcluster allocation bitmap"
-                            .into(),
-                    );
+                            .into()
+                    });
                 }
                 continue;
             }
             // NORMAL or ZERO_ALLOC.
             if (bitmap >> 32) & bitmap != 0 {
-                self.corrupt(format!(
+                self.corrupt(|| format!(
                     "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                 ));
             }
             if !off.is_multiple_of(self.cluster_size) {
-                self.corrupt(format!(
-                    "ERROR offset={off:x}: cluster is not properly aligned; L2 entry corrupted."
-                ));
+                self.corrupt(|| {
+                    format!(
+                        "ERROR offset={off:x}: cluster is not properly aligned; L2 entry corrupted."
+                    )
+                });
             }
             if active {
                 self.res.allocated_clusters += 1;
@@ -303,7 +368,7 @@ impl Checker<'_> {
             match parse_directory(&dir, ext.nb_bitmaps, h.cluster_bits, h.size, self.file_len) {
                 Ok(l) => l,
                 Err(e) => {
-                    self.corrupt(format!("ERROR: {e}"));
+                    self.corrupt(|| format!("ERROR: {e}"));
                     return;
                 }
             };
@@ -317,10 +382,9 @@ impl Checker<'_> {
             for c in t.chunks_exact(8) {
                 let e = BitmapTableEntry(be64(c, 0));
                 match e.decode(h.cluster_bits) {
-                    Err(_) => self.corrupt(format!(
-                        "ERROR: bitmap {:?}: bad table entry {:#x}",
-                        b.name, e.0
-                    )),
+                    Err(_) => self.corrupt(|| {
+                        format!("ERROR: bitmap {:?}: bad table entry {:#x}", b.name, e.0)
+                    }),
                     Ok(crate::bitmap::BitmapCluster::Stored(o)) => self.inc(o.0, self.cluster_size),
                     Ok(_) => {}
                 }
@@ -333,30 +397,30 @@ impl Checker<'_> {
         let table_offset = self.q.header().refcount_table_offset.0;
         for (i, e) in self.q.refcount_table().iter().enumerate() {
             if e.0 & RefcountTableEntry::RESERVED_MASK != 0 {
-                self.corrupt(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                self.corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
                 continue;
             }
             let off = e.0 & RefcountTableEntry::OFFSET_MASK;
             if !off.is_multiple_of(self.cluster_size) {
-                self.corrupt(format!(
+                self.corrupt(|| format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 continue;
             }
             let cluster = off / self.cluster_size;
             if cluster >= nb_clusters {
-                self.corrupt(format!(
-                    "ERROR refcount block {i} is outside image (table at {table_offset:#x})"
-                ));
+                self.corrupt(|| {
+                    format!(
+                        "ERROR refcount block {i} is outside image (table at {table_offset:#x})"
+                    )
+                });
                 continue;
             }
             if off != 0 {
                 self.inc(off, self.cluster_size);
                 let c = self.counts.get(cluster);
                 if c != 1 {
-                    self.corrupt(format!("ERROR refcount block {i} refcount={c}"));
+                    self.corrupt(|| format!("ERROR refcount block {i} refcount={c}"));
                 }
             }
         }
@@ -395,9 +459,9 @@ impl Checker<'_> {
                 Some((_, None)) | None => 0,
                 Some((_, Some(b))) if b.is_empty() => {
                     self.res.check_errors += 1;
-                    self.res.messages.push(format!(
-                        "Can't get refcount for cluster {i}: Input/output error"
-                    ));
+                    self.message(|| {
+                        format!("Can't get refcount for cluster {i}: Input/output error")
+                    });
                     continue;
                 }
                 Some((_, Some(b))) => refcount_in_block(b, i % per_block, order),
@@ -408,9 +472,9 @@ impl Checker<'_> {
             }
             if stored != counted {
                 let word = if stored < counted { "ERROR" } else { "Leaked" };
-                self.res.messages.push(format!(
-                    "{word} cluster {i} refcount={stored} reference={counted}"
-                ));
+                self.message(|| {
+                    format!("{word} cluster {i} refcount={stored} reference={counted}")
+                });
                 if stored < counted {
                     self.res.corruptions += 1;
                 } else {
@@ -425,6 +489,9 @@ impl Checker<'_> {
     fn oflag_copied(&mut self) {
         let q = self.q;
         let h = q.header();
+        if !self.spend(h.l1_size.into()) {
+            return;
+        }
         let Some(l1) = self.read(h.l1_table_offset.0, u64::from(h.l1_size) * 8, "L1 table") else {
             return;
         };
@@ -439,9 +506,14 @@ impl Checker<'_> {
                 continue;
             };
             if (rc == 1) != (e & L1Entry::COPIED != 0) {
-                self.corrupt(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
+                self.corrupt(|| {
+                    format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    )
+                });
+            }
+            if !self.spend(h.l2_entries()) {
+                return;
             }
             let Some(t) = self.read(l2, self.cluster_size, "L2 table") else {
                 return;
@@ -465,9 +537,9 @@ impl Checker<'_> {
                     }
                 };
                 if (rc == 1) != (e & L2Entry::COPIED != 0) {
-                    self.corrupt(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                    ));
+                    self.corrupt(|| {
+                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
+                    });
                 }
             }
         }
@@ -504,7 +576,11 @@ impl Qcow2 {
     /// then compared with the stored refcounts.
     ///
     /// Memory: two bytes per cluster of the file, plus one table at a
-    /// time. The result's counters match `qemu-img check --output=json`.
+    /// time, plus at most [`MAX_MESSAGES`] messages. Time: at most 2^20
+    /// table entries plus one per two bytes of the file; an image whose
+    /// tables are referenced over and over (which `qemu-img check` walks
+    /// again for each reference) stops there with a check error. The
+    /// result's counters match `qemu-img check --output=json`.
     pub fn check(&self) -> Result<CheckResult> {
         let h = self.header();
         let cluster_size = h.cluster_size();
@@ -530,27 +606,50 @@ impl Qcow2 {
             } else {
                 (1 << bits) - 1
             },
+            times: 1,
+            budget: max_check_entries(self.file_size()),
+            gave_up: false,
+            dropped: 0,
         };
         // The header cluster.
         c.inc(0, cluster_size);
-        c.l1(h.l1_table_offset.0, h.l1_size.into(), true);
+        c.l1(h.l1_table_offset.0, h.l1_size.into(), None);
         let snapshots = match self.snapshots() {
             Ok(s) => s,
             Err(e) => {
                 c.res.check_errors += 1;
-                c.res.messages.push(format!("ERROR: {e}"));
+                c.message(|| format!("ERROR: {e}"));
                 Vec::new()
             }
         };
         if h.has_data_file() && !snapshots.is_empty() {
-            c.corrupt(format!(
-                "ERROR {} snapshots in image with data file",
-                snapshots.len()
-            ));
+            c.corrupt(|| {
+                format!(
+                    "ERROR {} snapshots in image with data file",
+                    snapshots.len()
+                )
+            });
         }
+        // qemu walks the tables of each snapshot anew. The same L1 table
+        // (offset and size) and the same L2 table are walked once here,
+        // their references counted as often as they are referenced: the
+        // same counts, without the time a hostile image asks for by
+        // pointing thousands of snapshots at one large table.
+        let mut l1s: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         for s in &snapshots {
-            c.l1(s.l1_table_offset.0, s.l1_size.into(), false);
+            *l1s.entry((s.l1_table_offset.0, s.l1_size.into()))
+                .or_default() += 1;
         }
+        let mut l2s = BTreeMap::new();
+        for ((offset, entries), times) in l1s {
+            c.times = times;
+            c.l1(offset, entries, Some(&mut l2s));
+        }
+        for (offset, times) in l2s {
+            c.times = times;
+            c.l2(offset, false);
+        }
+        c.times = 1;
         let table_len: u64 = snapshots.iter().map(|s| s.entry_len).sum();
         c.inc(h.snapshots_offset.0, table_len);
         c.inc(h.refcount_table_offset.0, h.refcount_table_bytes());
@@ -561,6 +660,10 @@ impl Qcow2 {
         let highest = c.compare(nb);
         c.oflag_copied();
         c.res.image_end_offset = (highest + 1) * cluster_size;
+        if c.dropped > 0 {
+            let n = c.dropped;
+            c.res.messages.push(format!("... and {n} more messages"));
+        }
         Ok(c.res)
     }
 }

@@ -81,7 +81,7 @@ pub use bitmap::{
     parse_directory,
 };
 pub use chain::{Format, Image, Layer, MAX_CHAIN_DEPTH, OpenOptions, RawImage};
-pub use check::CheckResult;
+pub use check::{CheckResult, MAX_MESSAGES};
 pub use compress::decompress;
 pub use entry::{
     Geometry, L1Entry, L2Entry, L2Mapping, RefcountTableEntry, Subcluster, SubclusterBitmap,

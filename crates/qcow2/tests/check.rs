@@ -168,3 +168,85 @@ fn reserved_bits_and_copied_flag() {
     poke(&p, l2 + 8, &(e & !(1 << 63)).to_be_bytes());
     assert_check(&p);
 }
+
+/// A hostile image of 512-byte clusters: an active L1 table of `n`
+/// entries that all point at one L2 table whose 64 entries all point at
+/// one data cluster, and `m` snapshots that all share that L1 table. No
+/// refcount blocks. qemu-img check walks the tables once per reference:
+/// `(m + 1) * n * 64` entries.
+fn shared_tables_image(path: &Path, n: u32, m: u32) {
+    let cs = 512u64;
+    let l1 = 2 * cs;
+    let l2 = l1 + (u64::from(n) * 8).next_multiple_of(cs);
+    let data = l2 + cs;
+    let snaps = data + cs;
+    let entry = 40 + 16; // fixed part, extra data: vm_state_size_large, disk_size
+    let size = u64::from(n) * 64 * cs;
+    let mut f = vec![0u8; (snaps + u64::from(m) * entry) as usize];
+    let put32 = |f: &mut Vec<u8>, at: u64, v: u32| {
+        f[at as usize..at as usize + 4].copy_from_slice(&v.to_be_bytes());
+    };
+    let put64 = |f: &mut Vec<u8>, at: u64, v: u64| {
+        f[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+    };
+    put32(&mut f, 0, 0x5146_49fb); // magic
+    put32(&mut f, 4, 3); // version
+    put32(&mut f, 20, 9); // cluster_bits
+    put64(&mut f, 24, size);
+    put32(&mut f, 36, n); // l1_size
+    put64(&mut f, 40, l1);
+    put64(&mut f, 48, cs); // refcount_table_offset
+    put32(&mut f, 56, 1); // refcount_table_clusters
+    put32(&mut f, 60, m); // nb_snapshots
+    put64(&mut f, 64, snaps);
+    put32(&mut f, 96, 4); // refcount_order
+    put32(&mut f, 100, 104); // header_length
+    for i in 0..u64::from(n) {
+        put64(&mut f, l1 + 8 * i, l2);
+    }
+    for i in 0..64 {
+        put64(&mut f, l2 + 8 * i, data);
+    }
+    for j in 0..u64::from(m) {
+        let e = snaps + j * entry;
+        put64(&mut f, e, l1); // l1_table_offset
+        put32(&mut f, e + 8, n); // l1_size
+        put32(&mut f, e + 36, 16); // extra_data_size
+        put64(&mut f, e + 48, size); // disk_size
+    }
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn snapshots_sharing_tables_count_like_qemu() {
+    // 41 walks of 64 * 64 entries: 167,936 references to one data
+    // cluster, 65,535 of them counted, the rest overflows.
+    let d = Dir::new();
+    let p = d.path("shared.qcow2");
+    shared_tables_image(&p, 64, 40);
+    let r = assert_check(&p);
+    assert!(r.corruptions > 100_000, "{}", r.corruptions);
+    assert!(r.messages.len() <= sparsekit_qcow2::MAX_MESSAGES + 2);
+}
+
+/// Found by reading check.rs while writing the fuzz targets: 12,000
+/// snapshots sharing one L1 table of 65,536 entries in a 1 MiB file made
+/// the check walk 5 * 10^10 entries and push a message for each overflow,
+/// until memory ran out.
+#[test]
+fn many_snapshots_sharing_one_large_table_are_checked_in_bounded_time_and_memory() {
+    let d = Dir::new();
+    let p = d.path("shared.qcow2");
+    shared_tables_image(&p, 65536, 12000);
+    let start = std::time::Instant::now();
+    let r = Qcow2::open(&p).unwrap().check().unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(r.messages.len() <= sparsekit_qcow2::MAX_MESSAGES + 2);
+    assert!(r.corruptions > 0);
+    assert_eq!(r.exit_code(), 1, "the walk stops: a check error");
+    assert!(r.messages.iter().any(|m| m.contains("stopped counting")));
+}
