@@ -139,6 +139,10 @@ impl Source for NbdSource {
         }))
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
         let client = if self.readers.is_empty() {
             &self.status

@@ -47,10 +47,6 @@ pub struct Sink {
     /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
     /// it cannot, then as written zeros.
     zeroing_unsupported: std::sync::atomic::AtomicBool,
-    /// Held around writes to a regular file: the kernel serialises them on
-    /// the inode lock anyway, and waiters there spin on the CPU the readers
-    /// need, while waiters here sleep.
-    write_lock: std::sync::Mutex<()>,
 }
 
 impl Sink {
@@ -161,7 +157,6 @@ impl Sink {
             known_zero,
             size,
             zeroing_unsupported: false.into(),
-            write_lock: std::sync::Mutex::new(()),
         }
     }
 
@@ -192,8 +187,6 @@ impl Sink {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        let _serialised = (self.kind == DestKind::Regular)
-            .then(|| self.write_lock.lock().unwrap_or_else(|p| p.into_inner()));
         self.file
             .write_all_at(buf, offset)
             .map_err(|source| Error::Write {

@@ -53,6 +53,13 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// True when reads wait on a network rather than on local storage and
+    /// memory: then every worker may read a large item at once (see
+    /// [`crate::CopyOptions::large_jobs`]).
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// The ranges of `range` marked dirty in the persistent bitmap
     /// `bitmap` (for incremental copies).
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {

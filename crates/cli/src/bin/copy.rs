@@ -137,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let opts = CopyOptions {
         jobs,
+        large_jobs: CopyOptions::default().large_jobs,
         chunk_size: args.chunk_size as usize,
         sparse: !args.no_sparse,
         method: match args.method {
