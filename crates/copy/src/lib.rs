@@ -240,8 +240,8 @@ pub struct CopyOptions {
     /// Worker threads (at least 1).
     pub jobs: usize,
     /// Workers that may copy a large data item (at least [`LARGE_ITEM`]
-    /// bytes) at the same time, from a local source (default: one per
-    /// core). Small items are latency-bound reads, and many in flight keep
+    /// bytes) at the same time (default: one per core; an NBD source limits
+    /// reads of every size, one per connection: [`Source::max_reads`]). Small items are latency-bound reads, and many in flight keep
     /// a disk busy; large ones are bound by memory copies and the
     /// destination's inode lock, and more of them than cores only contend
     /// (8 workers copying 1 MiB extents from a warm cache took twice as
@@ -473,12 +473,12 @@ struct Shared<'a> {
 }
 
 /// Runs `work` on every item of `planner` from `jobs` threads, each with its
-/// own buffer of `chunk` bytes, at most `large_jobs` of them on large data
-/// items at once. Stops at the first error or when `stop` is
+/// own buffer of `chunk` bytes, at most `large_jobs` of them on data items
+/// of `large_item` bytes or more at once. Stops at the first error or when `stop` is
 /// raised.
 fn run_parallel<'a>(
     planner: Planner<'a>,
-    (jobs, large_jobs): (usize, usize),
+    (jobs, large_jobs, large_item): (usize, usize, u64),
     chunk: usize,
     stop: &AtomicBool,
     progress: &dyn Progress,
@@ -520,7 +520,7 @@ fn run_parallel<'a>(
                             }
                         }
                     };
-                    let is_large = item.kind == Kind::Data && item.len >= LARGE_ITEM;
+                    let is_large = item.kind == Kind::Data && item.len >= large_item;
                     if is_large {
                         let mut free = large.0.lock().unwrap_or_else(|e| e.into_inner());
                         while *free == 0 {
@@ -672,20 +672,11 @@ pub fn copy(
         }
         Ok(())
     };
-    let large_jobs = if source.remote() {
-        opts.jobs
-    } else {
-        opts.large_jobs
+    let limits = match source.max_reads() {
+        Some(n) => (opts.jobs, n, 1),
+        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
     };
-    run_parallel(
-        planner,
-        (opts.jobs, large_jobs),
-        chunk,
-        stop,
-        progress,
-        written,
-        &work,
-    )?;
+    run_parallel(planner, limits, chunk, stop, progress, written, &work)?;
     if opts.flush || sink.kind() == DestKind::BlockDevice {
         sink.sync().map_err(|error| Failed {
             done_before: range.end,
@@ -764,20 +755,11 @@ pub fn verify(
         }
         Ok(())
     };
-    let large_jobs = if source.remote() {
-        opts.jobs
-    } else {
-        opts.large_jobs
+    let limits = match source.max_reads() {
+        Some(n) => (opts.jobs, n, 1),
+        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
     };
-    run_parallel(
-        planner,
-        (opts.jobs, large_jobs),
-        chunk * 2,
-        stop,
-        progress,
-        &none,
-        &work,
-    )
+    run_parallel(planner, limits, chunk * 2, stop, progress, &none, &work)
 }
 
 #[cfg(test)]

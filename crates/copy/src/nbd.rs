@@ -139,17 +139,32 @@ impl Source for NbdSource {
         }))
     }
 
-    fn remote(&self) -> bool {
-        true
+    fn max_reads(&self) -> Option<usize> {
+        // One read per connection: with 8 workers on 4 connections the W3
+        // export copied in 3.99 s, with 4 in 2.12 s (nbdcopy 2.49 s).
+        Some(self.connections())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
-        let client = if self.readers.is_empty() {
-            &self.status
-        } else {
-            &self.readers[self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len()]
+        if self.readers.is_empty() {
+            return lock(&self.status)
+                .read(offset, buf)
+                .map_err(SourceError::from);
+        }
+        // A free connection if there is one: waiting on a busy one while
+        // another idles halves the throughput.
+        let n = self.readers.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let free = (0..n).find_map(|i| match self.readers[(first + i) % n].try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        });
+        let mut client = match free {
+            Some(g) => g,
+            None => lock(&self.readers[first]),
         };
-        lock(client).read(offset, buf).map_err(SourceError::from)
+        client.read(offset, buf).map_err(SourceError::from)
     }
 
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {

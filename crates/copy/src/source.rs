@@ -53,11 +53,11 @@ pub trait Source: Send + Sync {
         None
     }
 
-    /// True when reads wait on a network rather than on local storage and
-    /// memory: then every worker may read a large item at once (see
-    /// [`crate::CopyOptions::large_jobs`]).
-    fn remote(&self) -> bool {
-        false
+    /// How many reads of any size the source serves best at once, when it
+    /// knows better than [`crate::CopyOptions::large_jobs`] (which only
+    /// limits large ones): an NBD source, one per connection.
+    fn max_reads(&self) -> Option<usize> {
+        None
     }
 
     /// The ranges of `range` marked dirty in the persistent bitmap
