@@ -33,7 +33,8 @@ struct Args {
     format: Option<Format>,
     #[command(flatten)]
     image: ImageOptions,
-    /// Worker threads (default: four per core, between 4 and 16).
+    /// Worker threads (default: four per core, between 4 and 16; from NBD,
+    /// one per connection, up to 4).
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
     /// Show a progress bar on standard error (default: when it is a terminal).
