@@ -574,7 +574,7 @@ impl Header {
                     ));
                 }
                 let start = raw.backing_file_offset;
-                let end = start + u64::from(raw.backing_file_size);
+                let end = start.saturating_add(u64::from(raw.backing_file_size));
                 if end > cluster_size || end > buf.len() as u64 {
                     return Err(bad(
                         "backing_file_offset",
@@ -670,6 +670,17 @@ impl Header {
     /// Width of a refcount in bits: `1 << refcount_order`.
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
+    }
+
+    /// The geometry L2 entries of this image are decoded against.
+    pub fn geometry(&self) -> crate::entry::Geometry {
+        crate::entry::Geometry {
+            cluster_bits: self.cluster_bits,
+            extended_l2: self.extended_l2(),
+            v3: self.version >= 3,
+            data_file: self.has_data_file(),
+            data_file_raw: self.data_file_raw(),
+        }
     }
 
     /// Whether L2 entries are 128 bits with subcluster bitmaps.
