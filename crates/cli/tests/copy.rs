@@ -234,6 +234,19 @@ fn block_device_destination() {
 
 /// A destination on a full file system: ENOSPC named with the file and
 /// offset, exit 1, and how far the copy got.
+/// Unmounts a mount point when dropped, then waits for the process that
+/// served it, if any.
+struct Unmount(PathBuf, Option<std::process::Child>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        if let Some(server) = &mut self.1 {
+            let _ = server.wait();
+        }
+    }
+}
+
 #[test]
 fn destination_file_system_full() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,13 +262,7 @@ fn destination_file_system_full() {
         "mounting a small tmpfs needs root: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Umount(mnt.clone());
+    let _guard = Unmount(mnt.clone(), None);
     let src = fixture("holes-data.raw");
     let o = copy(&["-j", "1"], &src, &mnt.join("out.raw"));
     assert_eq!(o.status.code(), Some(1));
@@ -295,13 +302,6 @@ fn destination_write_errors() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Unmount(PathBuf, std::process::Child);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = self.1.wait();
-        }
-    }
     let start = std::time::Instant::now();
     while std::fs::metadata(&disk).map_or(true, |m| m.len() != 8 << 20) {
         if let Ok(Some(st)) = server.try_wait() {
@@ -313,7 +313,7 @@ fn destination_write_errors() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _guard = Unmount(mnt, server);
+    let _guard = Unmount(mnt, Some(server));
     let src = dir.path().join("src.raw");
     let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
     std::fs::write(&src, data).unwrap();

@@ -8,7 +8,7 @@
 //! layout, and `SPARSEKIT_STRESS_SEED=N` replays one. `SPARSEKIT_STRESS_SCALE`
 //! multiplies the counts (default 1: 2,000 raw, 300 qcow2, 2,000 stream).
 
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io::Cursor;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -142,13 +142,7 @@ fn layout(rng: &mut Rng) -> Layout {
 
 /// Writes `l` to `path` and returns what it reads as.
 fn make_raw(path: &Path, l: &Layout) -> Vec<u8> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap();
+    let f = File::create(path).unwrap();
     f.set_len(l.size).unwrap();
     let mut model = vec![0u8; l.size as usize];
     for &op in &l.ops {

@@ -562,6 +562,15 @@ fn run_parallel<'a>(
     }
 }
 
+/// `(workers, workers allowed on large items at once, bytes from which an
+/// item is large)` for `source` under `opts`.
+fn worker_limits(source: &dyn Source, opts: &CopyOptions) -> (usize, usize, u64) {
+    match source.max_reads() {
+        Some(n) => (opts.jobs, n, 1),
+        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
+    }
+}
+
 /// The source range a copy or verify with `opts` covers, and the chunk
 /// size it works in.
 fn prepare(source: &dyn Source, opts: &CopyOptions) -> Result<(Range<u64>, usize), Failed> {
@@ -672,10 +681,7 @@ pub fn copy(
         }
         Ok(())
     };
-    let limits = match source.max_reads() {
-        Some(n) => (opts.jobs, n, 1),
-        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
-    };
+    let limits = worker_limits(source, opts);
     run_parallel(planner, limits, chunk, stop, progress, written, &work)?;
     if opts.flush || sink.kind() == DestKind::BlockDevice {
         sink.sync().map_err(|error| Failed {
@@ -755,10 +761,7 @@ pub fn verify(
         }
         Ok(())
     };
-    let limits = match source.max_reads() {
-        Some(n) => (opts.jobs, n, 1),
-        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
-    };
+    let limits = worker_limits(source, opts);
     run_parallel(planner, limits, chunk * 2, stop, progress, &none, &work)
 }
 

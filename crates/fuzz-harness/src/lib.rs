@@ -41,7 +41,7 @@ use sparsekit_nbd::{
     Chunk, ContextId, Handshake, HandshakeConfig, HeaderMode, Negotiated, ReplyHeader, StatusExtent,
 };
 use sparsekit_qcow2::{
-    Geometry, Header, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions, Qcow2, RawHeader,
+    Header, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions, Qcow2, RawHeader,
     RawSnapshotHeader, RefcountTableEntry, Snapshot, StreamDecoder, StreamLimits, parse_directory,
 };
 
@@ -107,13 +107,7 @@ pub fn qcow2_header(data: &[u8]) {
     let nb = h.bitmaps.map_or(1, |b| b.nb_bitmaps);
     let _ = parse_directory(rest, nb, h.cluster_bits, h.size, data.len() as u64);
     let _ = Snapshot::parse(rest, 0, 0, h.cluster_bits, data.len() as u64);
-    let g = Geometry {
-        cluster_bits: h.cluster_bits,
-        extended_l2: h.extended_l2(),
-        v3: h.version >= 3,
-        data_file: h.has_data_file(),
-        data_file_raw: h.data_file_raw(),
-    };
+    let g = h.geometry();
     for (i, c) in rest.chunks_exact(16).take(64).enumerate() {
         let a = u64::from_be_bytes(c[..8].try_into().expect("8 bytes"));
         let b = u64::from_be_bytes(c[8..].try_into().expect("8 bytes"));

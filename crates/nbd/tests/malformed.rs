@@ -109,6 +109,13 @@ fn chunk(flags: u16, t: ChunkType, cookie: Cookie, payload_len: u64) -> Vec<u8> 
     v
 }
 
+/// A whole final chunk: header and `payload`.
+fn final_chunk(t: ChunkType, cookie: Cookie, payload: &[u8]) -> Vec<u8> {
+    let mut v = chunk(NBD_REPLY_FLAG_DONE, t, cookie, payload.len() as u64);
+    v.extend(payload);
+    v
+}
+
 /// Connects, reads 4 KiB at 4 KiB, returns the error.
 fn read_error(reply: impl FnOnce(Request) -> Vec<u8> + Send + 'static) -> Error {
     read_error_with(false, Duration::from_secs(5), reply)
@@ -294,27 +301,13 @@ fn oversized_status_request_refused_is_retried_within_the_payload_limit() {
         if r.length > 32 << 20 {
             let mut p = 22u32.to_be_bytes().to_vec();
             p.extend(0u16.to_be_bytes());
-            let mut v = chunk(
-                NBD_REPLY_FLAG_DONE,
-                ChunkType::ERROR,
-                r.cookie,
-                p.len() as u64,
-            );
-            v.extend(p);
-            return v;
+            return final_chunk(ChunkType::ERROR, r.cookie, &p);
         }
         // One extent: the whole request is data.
         let mut p = 1u32.to_be_bytes().to_vec();
         p.extend((r.length as u32).to_be_bytes());
         p.extend(0u32.to_be_bytes());
-        let mut v = chunk(
-            NBD_REPLY_FLAG_DONE,
-            ChunkType::BLOCK_STATUS,
-            r.cookie,
-            p.len() as u64,
-        );
-        v.extend(p);
-        v
+        final_chunk(ChunkType::BLOCK_STATUS, r.cookie, &p)
     });
     let mut c = Client::connect(&uri).unwrap();
     let got = c.block_status_once("base:allocation", 0..BIG).unwrap();

@@ -220,13 +220,7 @@ impl Qcow2 {
         } else {
             None
         };
-        let geometry = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2(),
-            v3: header.version >= 3,
-            data_file: header.has_data_file(),
-            data_file_raw: header.data_file_raw(),
-        };
+        let geometry = header.geometry();
         Ok(Qcow2 {
             host,
             header,

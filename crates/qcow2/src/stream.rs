@@ -383,13 +383,8 @@ impl<R: Read> StreamDecoder<R> {
         } = self;
         let cap = limits.max_metadata_bytes;
         let cs = header.cluster_size();
-        let geometry = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2(),
-            v3: header.version >= 3,
-            data_file: false,
-            data_file_raw: false,
-        };
+        // No data file: refused in `new`.
+        let geometry = header.geometry();
         let mut tables = Tables {
             pending: BTreeMap::new(),
             read: vec![Region {

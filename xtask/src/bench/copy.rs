@@ -91,9 +91,7 @@ impl Programs {
 
     /// Every contender, copying `src` to `dest`; `bmap` is `src`'s bmap file.
     fn contenders(&self, src: &Path, dest: &Path, bmap: &Path) -> Vec<(Role, Contender)> {
-        // copy's default worker count (sparsekit_copy::default_jobs).
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let jobs = (cores * 4).clamp(4, 16);
+        let jobs = sparsekit_copy::default_jobs();
         let copy = &self.copy;
         let raw: [&dyn AsRef<std::ffi::OsStr>; 6] =
             [&"qemu-img", &"convert", &"-O", &"raw", &"-f", &"raw"];

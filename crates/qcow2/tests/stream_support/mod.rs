@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use sparsekit_qcow2::{Geometry, Header, L2Mapping, StreamDecoder, StreamError};
+use sparsekit_qcow2::{Header, L2Mapping, StreamDecoder, StreamError};
 
 use crate::common::{Dir, run};
 
@@ -342,13 +342,7 @@ pub fn forward_order(img: &[u8]) -> Vec<u8> {
     assert!(h.nb_snapshots == 0 && h.backing_file.is_none() && !h.has_data_file());
     let cs = h.cluster_size();
     let es = h.l2_entry_size() as usize;
-    let g = Geometry {
-        cluster_bits: h.cluster_bits,
-        extended_l2: h.extended_l2(),
-        v3: h.version >= 3,
-        data_file: false,
-        data_file_raw: false,
-    };
+    let g = h.geometry();
     let l1_off = h.l1_table_offset.0 as usize;
     let l1: Vec<u64> = (0..h.l1_size as usize)
         .map(|i| get64(img, l1_off + 8 * i))
