@@ -117,8 +117,11 @@ fn ensure_cargo_fuzz() -> anyhow::Result<()> {
 }
 
 /// Seeds, built fuzz targets, then `seconds` of fuzzing for `only` (or
-/// every target), one at a time. Fails on the first crash.
-pub fn run(only: Option<&str>, seconds: u64) -> anyhow::Result<Vec<Outcome>> {
+/// every target), one at a time. Fails on the first crash. With `seed`,
+/// libFuzzer's random choices are fixed (`-seed=N`), so that the short runs
+/// of `cargo xtask test` explore the same inputs on every machine instead of
+/// failing at random on a new find; without it, each run explores afresh.
+pub fn run(only: Option<&str>, seconds: u64, seed: Option<u64>) -> anyhow::Result<Vec<Outcome>> {
     let targets: Vec<&'static str> = match only {
         Some(t) => {
             let Some((name, _)) = TARGETS.iter().find(|(n, _)| *n == t) else {
@@ -137,7 +140,7 @@ pub fn run(only: Option<&str>, seconds: u64) -> anyhow::Result<Vec<Outcome>> {
     write_seeds(&targets)?;
     let mut outcomes = Vec::new();
     for t in &targets {
-        outcomes.push(run_one(tc, t, seconds)?);
+        outcomes.push(run_one(tc, t, seconds, seed)?);
     }
     eprintln!(
         "xtask: fuzzing done in {} s (build and seeds included)",
@@ -156,7 +159,12 @@ pub fn run(only: Option<&str>, seconds: u64) -> anyhow::Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
-fn run_one(tc: Toolchain, target: &'static str, seconds: u64) -> anyhow::Result<Outcome> {
+fn run_one(
+    tc: Toolchain,
+    target: &'static str,
+    seconds: u64,
+    seed: Option<u64>,
+) -> anyhow::Result<Outcome> {
     let corpus = corpus_dir(target);
     let log_path = root()
         .join("target/fuzz-logs")
@@ -174,6 +182,7 @@ fn run_one(tc: Toolchain, target: &'static str, seconds: u64) -> anyhow::Result<
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-max_len={}", max_len(target)))
         .args(LIBFUZZER_LIMITS)
+        .args(seed.map(|s| format!("-seed={s}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;

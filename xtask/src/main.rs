@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         } => test(fuzz_seconds, &cargo_args),
         Task::Demo => ensure_tools().and_then(|()| demo::run()),
         Task::Fuzz { target, seconds } => {
-            ensure_tools().and_then(|()| fuzz::run(target.as_deref(), seconds).map(drop))
+            ensure_tools().and_then(|()| fuzz::run(target.as_deref(), seconds, None).map(drop))
         }
         Task::Bench { runs, images_only } => {
             ensure_tools().and_then(|()| bench::run(runs, images_only))
@@ -150,7 +150,7 @@ fn test(fuzz_seconds: u64, cargo_args: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--locked"])
         .args(cargo_args))?;
     if fuzz_seconds > 0 {
-        fuzz::run(None, fuzz_seconds)?;
+        fuzz::run(None, fuzz_seconds, Some(1))?;
     }
     Ok(())
 }
