@@ -65,7 +65,14 @@ pub use source::{
 pub const LARGE_ITEM: u64 = 256 << 10;
 
 /// Default bytes per data work item and per worker buffer.
-pub const DEFAULT_CHUNK: usize = 4 << 20;
+///
+/// Small enough that a worker's buffer stays in its core's cache between
+/// the read that fills it and the write that empties it: copying 2 GiB of
+/// 1 MiB extents from a warm cache took 0.54 s with 256 KiB, 1.2 s with
+/// 512 KiB and 1.6-2.5 s with 1 and 4 MiB (the kernel's copy into the
+/// destination's page cache ran several times slower per byte), on 2
+/// cores with 2 MiB of L2 each.
+pub const DEFAULT_CHUNK: usize = 256 << 10;
 /// Zero and hole ranges are split at this size, so that a stop request is
 /// noticed between BLKZEROOUT calls.
 const ZERO_CHUNK: u64 = 1 << 30;

@@ -337,9 +337,8 @@ impl Image {
                     }
                 }
                 Subcluster::Compressed { host, size } => {
-                    let cluster = q.decompressed(host, size)?;
                     let within = (pos % q.cluster_size()) as usize;
-                    chunk.copy_from_slice(&cluster[within..within + len]);
+                    q.read_compressed(host, size, within, chunk)?;
                 }
             }
             done += len;

@@ -15,12 +15,21 @@ pub fn decompress(
     cluster_size: usize,
 ) -> Result<Vec<u8>, String> {
     let mut out = vec![0; cluster_size];
+    decompress_into(kind, input, &mut out)?;
+    Ok(out)
+}
+
+/// Decompresses one cluster from `input` into `out`, which is exactly one
+/// cluster long: [`decompress`] without the allocation, for readers that
+/// want the whole cluster in their own buffer.
+pub fn decompress_into(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let cluster_size = out.len();
     match kind {
         CompressionType::Zlib => {
             // Raw deflate, no zlib header (qemu: inflateInit2 with -12).
             let mut d = Decompress::new(false);
             let status = d
-                .decompress(input, &mut out, FlushDecompress::Finish)
+                .decompress(input, out, FlushDecompress::Finish)
                 .map_err(|e| format!("deflate: {e}"))?;
             if d.total_out() as usize != cluster_size {
                 return Err(format!(
@@ -33,7 +42,7 @@ pub fn decompress(
         CompressionType::Zstd => {
             let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
             let mut inb = InBuffer::around(input);
-            let mut outb = OutBuffer::around(&mut out[..]);
+            let mut outb = OutBuffer::around(out);
             while outb.pos() < cluster_size {
                 let before = (inb.pos(), outb.pos());
                 d.run(&mut inb, &mut outb)
@@ -50,7 +59,7 @@ pub fn decompress(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -558,20 +558,52 @@ impl Qcow2 {
         pread_zero_fill(&self.data_host().file, buf, host, "guest data")
     }
 
-    /// The decompressed guest cluster whose compressed data starts at
-    /// `host` and is `size` bytes long; the last one is cached.
-    pub(crate) fn decompressed(&self, host: HostOffset, size: u64) -> Result<Arc<[u8]>> {
-        let mut c = self
-            .compressed_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((o, d)) = &*c
-            && *o == host.0
-        {
-            return Ok(d.clone());
+    /// Reads `out.len()` bytes of the guest cluster whose compressed data
+    /// starts at `host` and is `size` bytes long, from `within` bytes into
+    /// it. A whole cluster is decompressed straight into `out`; parts of
+    /// one go through a cache of the last cluster, so that small reads
+    /// walking a cluster decompress it once. No lock is held while
+    /// decompressing: readers on several threads decompress in parallel.
+    pub(crate) fn read_compressed(
+        &self,
+        host: HostOffset,
+        size: u64,
+        within: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size() as usize;
+        if within == 0 && out.len() == cluster_size {
+            return self.decompress_into(host, size, out);
         }
-        // `size` is at most a cluster plus a sector by construction.
-        let mut input = vec![0; size as usize];
+        let cached = {
+            let c = self
+                .compressed_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            c.as_ref()
+                .filter(|(o, _)| *o == host.0)
+                .map(|(_, d)| d.clone())
+        };
+        let cluster = match cached {
+            Some(d) => d,
+            None => {
+                let mut d = vec![0; cluster_size];
+                self.decompress_into(host, size, &mut d)?;
+                let d: Arc<[u8]> = d.into();
+                *self
+                    .compressed_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((host.0, d.clone()));
+                d
+            }
+        };
+        out.copy_from_slice(&cluster[within..within + out.len()]);
+        Ok(())
+    }
+
+    /// Decompresses the cluster at `host` (`size` bytes) into `out`, one
+    /// cluster long.
+    fn decompress_into(&self, host: HostOffset, size: u64, out: &mut [u8]) -> Result<()> {
         if host.0 >= self.host.size {
             return Err(Error::OutsideFile {
                 what: "compressed cluster",
@@ -580,20 +612,16 @@ impl Qcow2 {
                 file_size: self.host.size,
             });
         }
+        // `size` is at most a cluster plus a sector by construction.
+        let mut input = vec![0; size as usize];
         pread_zero_fill(&self.host.file, &mut input, host.0, "compressed cluster")?;
-        let out = compress::decompress(
-            self.header.compression_type,
-            &input,
-            self.cluster_size() as usize,
-        )
-        .map_err(|problem| Error::Decompress {
-            host_offset: host.0,
-            size,
-            problem,
-        })?;
-        let d: Arc<[u8]> = out.into();
-        *c = Some((host.0, d.clone()));
-        Ok(d)
+        compress::decompress_into(self.header.compression_type, &input, out).map_err(|problem| {
+            Error::Decompress {
+                host_offset: host.0,
+                size,
+                problem,
+            }
+        })
     }
 
     /// Bytes of the file actually allocated on disk (`st_blocks * 512`).

@@ -80,7 +80,7 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     bitmap: Option<String>,
     /// Bytes per work item and per worker buffer.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    #[arg(long, value_parser = parse_size, default_value = "256k")]
     chunk_size: u64,
 }
 
