@@ -128,7 +128,7 @@ macro_rules! like_qemu {
             let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed");
             let theirs = dir.path().join("qemu.raw");
             qemu_convert(&src, &theirs);
-            for args in [&[][..], &["-j", "1"], &["--no-sparse"], &["--method", "read-write", "--chunk-size", "64k", "-j", "3"], &["--verify"]] {
+            for args in [&[][..], &["-j", "1"], &["--no-sparse"], &["--method", "read-write", "--chunk-size", "64k", "-j", "3"], &["--verify"], &["--evict", "--chunk-size", "1M"]] {
                 let ours = dir.path().join("ours.raw");
                 ok(&copy(args, &src, &ours));
                 assert_same_as_qemu(&src, &ours, &theirs);
@@ -170,6 +170,61 @@ fn replaces_an_existing_file_and_leaves_holes() {
         blocks(&dst) <= blocks(&src),
         "old data must not stay allocated"
     );
+}
+
+/// Bytes of `path` in the page cache (mincore over a mapping of it).
+fn resident_bytes(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let page = 4096usize;
+    // SAFETY: a shared read-only mapping of a file we opened, of its
+    // length; it is only passed to mincore and unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr` maps `len` bytes; `vec` holds one byte per page.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: unmapping the mapping made above, not used afterwards.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(r, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64
+}
+
+/// `--evict` (nbdcopy's way): the destination is written back as the copy
+/// goes and its clean pages dropped, so at most a window of it stays
+/// cached; without it the whole copy is. On ext4, the copy byte-identical.
+#[test]
+fn evict_drops_the_destination_from_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..256u64 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(&src, &data).unwrap();
+    for (args, most) in [(&["--evict"][..], 96u64 << 20), (&["--no-evict"], u64::MAX)] {
+        let dst = dir.path().join("dst.raw");
+        ok(&copy(args, &src, &dst));
+        // Before reading it back, which caches it.
+        let cached = resident_bytes(&dst);
+        assert!(
+            std::fs::read(&dst).unwrap() == data,
+            "{args:?}: bytes differ"
+        );
+        if most == u64::MAX {
+            // Not evicted: all of it (unless memory ran short) is cached.
+            assert!(cached > 200 << 20, "{args:?}: only {cached} bytes cached");
+        } else {
+            assert!(cached <= most, "{args:?}: {cached} bytes still cached");
+        }
+        std::fs::remove_file(&dst).unwrap();
+    }
 }
 
 /// A loop device over a file is a real block device: BLKGETSIZE64,

@@ -73,6 +73,11 @@ pub const LARGE_ITEM: u64 = 256 << 10;
 /// destination's page cache ran several times slower per byte), on 2
 /// cores with 2 MiB of L2 each.
 pub const DEFAULT_CHUNK: usize = 256 << 10;
+/// Bytes per data work item from an NBD source: four of the client's
+/// default read requests ([`sparsekit_nbd::client::DEFAULT_READ_REQUEST`]), in
+/// flight together on the worker's connection. One request per item
+/// leaves each connection idle while its worker writes.
+pub const NBD_CHUNK: usize = 1 << 20;
 /// Zero and hole ranges are split at this size, so that a stop request is
 /// noticed between BLKZEROOUT calls.
 const ZERO_CHUNK: u64 = 1 << 30;
@@ -659,7 +664,7 @@ pub fn copy(
         if !sparse {
             sink.write_at(buf, item.dst)?;
             written.fetch_add(item.len, Relaxed);
-            return Ok(());
+            return sink.written(item.dst, item.len);
         }
         // Runs of all-zero and not-all-zero blocks, aligned to the
         // destination's 4 KiB blocks.
@@ -686,7 +691,7 @@ pub fn copy(
             }
             at = end;
         }
-        Ok(())
+        sink.written(item.dst, item.len)
     };
     let limits = worker_limits(source, opts);
     run_parallel(planner, limits, chunk, stop, progress, written, &work)?;

@@ -13,6 +13,16 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use crate::Error;
 use crate::sys;
 
+/// Largest single write: longer ones go out in pieces of this size. While
+/// one buffered write holds the destination's inode lock, the other
+/// workers wait for it, and larger writes copied slower per byte: 2 GiB of
+/// 1 MiB extents with 1 MiB items took 1.8-2.5 s written whole and 0.59 s
+/// in pieces (the same as 256 KiB items).
+pub const WRITE_PIECE: usize = 256 << 10;
+
+/// Bytes written but not yet dropped from the page cache.
+pub const EVICT_WINDOW: u64 = 64 << 20;
+
 /// Regular file or block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DestKind {
@@ -47,7 +57,15 @@ pub struct Sink {
     /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
     /// it cannot, then as written zeros.
     zeroing_unsupported: std::sync::atomic::AtomicBool,
+    /// Ranges whose write-back was started and whose pages are to be
+    /// dropped once clean (regular files only), oldest first, and their
+    /// total length.
+    behind: Option<std::sync::Mutex<Behind>>,
 }
+
+/// Written ranges (offset, length) awaiting eviction, oldest first, and
+/// their total length.
+type Behind = (std::collections::VecDeque<(u64, u64)>, u64);
 
 impl Sink {
     /// Opens `path` for a copy that writes bytes `[0, end)` of it.
@@ -157,6 +175,7 @@ impl Sink {
             known_zero,
             size,
             zeroing_unsupported: false.into(),
+            behind: None,
         }
     }
 
@@ -187,14 +206,72 @@ impl Sink {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|source| Error::Write {
-                path: self.path.clone(),
-                offset,
-                len: buf.len() as u64,
-                source,
-            })
+        for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
+            let at = offset + (i * WRITE_PIECE) as u64;
+            self.file
+                .write_all_at(piece, at)
+                .map_err(|source| Error::Write {
+                    path: self.path.clone(),
+                    offset: at,
+                    len: piece.len() as u64,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Drops the destination's pages from the page cache as they are
+    /// written back ([`Sink::written`]), as nbdcopy does: a regular file's
+    /// copy then recycles a window of [`EVICT_WINDOW`] bytes of pages
+    /// instead of filling the cache with the destination. No effect on a
+    /// block device. From qemu-nbd on the 16 GiB W3 export (3 GiB of data)
+    /// this took the copy from 4.1 s to 2.0 s (nbdcopy: 2.8 s); from local
+    /// files, whose reads are cheaper than fresh pages, it was slower (W1
+    /// 1.08 s against 0.86 s; W2, 200,000 small extents, 2.9 s against
+    /// 0.9 s).
+    pub fn evict_written(mut self, on: bool) -> Self {
+        self.behind = (on && self.kind == DestKind::Regular).then(Default::default);
+        self
+    }
+
+    /// Called once `len` bytes at `offset` were written: starts their
+    /// write-back and drops the pages of ranges written long enough ago
+    /// from the page cache, so that the copy recycles a small window of
+    /// pages instead of filling the cache with the destination.
+    pub fn written(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let Some(behind) = &self.behind else {
+            return Ok(());
+        };
+        let fail = |source: Errno| Error::Write {
+            path: self.path.clone(),
+            offset,
+            len,
+            source: source.into(),
+        };
+        sys::sync_file_range(self.file.as_fd(), offset, len, false).map_err(fail)?;
+        let old = {
+            let mut b = behind.lock().unwrap_or_else(|e| e.into_inner());
+            b.0.push_back((offset, len));
+            b.1 += len;
+            if b.1 > EVICT_WINDOW {
+                let o = b.0.pop_front().expect("not empty: over the window");
+                b.1 -= o.1;
+                Some(o)
+            } else {
+                None
+            }
+        };
+        if let Some((o, l)) = old {
+            sys::sync_file_range(self.file.as_fd(), o, l, true).map_err(fail)?;
+            nix::fcntl::posix_fadvise(
+                self.file.as_fd(),
+                o as i64,
+                l as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// Makes `len` bytes at `offset` read as zeros: nothing to do where the

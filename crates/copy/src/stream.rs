@@ -156,7 +156,7 @@ fn write_chunk(
     if !sparse {
         sink.write_at(data, guest)?;
         written.fetch_add(data.len() as u64, Relaxed);
-        return Ok(());
+        return sink.written(guest, data.len() as u64);
     }
     let mut at = 0usize;
     while at < data.len() {
@@ -172,7 +172,7 @@ fn write_chunk(
         }
         at = end;
     }
-    Ok(())
+    sink.written(guest, data.len() as u64)
 }
 
 /// What [`export`] wrote.

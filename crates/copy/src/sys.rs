@@ -40,3 +40,25 @@ pub(crate) fn blkzeroout(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<()
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
     Errno::result(r).map(drop)
 }
+
+/// sync_file_range(2) on `len` bytes at `offset`: starts writing them back,
+/// and with `wait` first waits for any write-back already under way there
+/// and then for this one, so that the pages are clean when it returns.
+pub(crate) fn sync_file_range(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: u64,
+    wait: bool,
+) -> Result<(), Errno> {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    // SAFETY: sync_file_range takes plain integers and an open descriptor,
+    // which `fd` guarantees for the call; it touches no memory of ours.
+    let r = unsafe { libc::sync_file_range(fd.as_raw_fd(), offset as i64, len as i64, flags) };
+    Errno::result(r).map(drop)
+}

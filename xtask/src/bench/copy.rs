@@ -171,22 +171,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Deletes `path` if it exists, then fsyncs its folder: the journal commit
-/// that frees (and discards) its blocks happens now, untimed, rather than
-/// during the next run. (Not sync(2): on a shared machine that waits for
-/// everyone's dirty pages.)
-fn remove_and_sync(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync {}", dir.display()))
-}
-
 pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()> {
     let programs = Programs::find(bin)?;
     let scratch = Scratch::new()?;
@@ -223,6 +207,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     flush_note(md, &flushes);
 
     for w in WORKLOADS {
+        super::empty_page_cache();
         let src = testkit::fixture(w.fixture);
         let bmap = scratch.path(&format!("{}.bmap", w.fixture));
         super::note(&format!("{}: making the bmap file", w.id));
@@ -244,7 +229,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 continue;
             }
             super::note(&format!("{}: checking {}", w.id, c.label));
-            remove_and_sync(&dest)?;
+            super::remove_and_sync(&dest)?;
             measure(&c.argv, Some(&log))?;
             let blocks = std::fs::metadata(&dest)
                 .with_context(|| format!("{}: {} made no {}", w.id, c.label, dest.display()))?
@@ -259,7 +244,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 );
             }
             allocated.push(Some(blocks));
-            remove_and_sync(&dest)?;
+            super::remove_and_sync(&dest)?;
         }
 
         super::note(&format!("{}: every answer checked", w.id));
@@ -268,8 +253,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             &contenders,
             runs,
             &mut Hooks {
-                before: Some(Box::new(|| remove_and_sync(&dest))),
-                after: Some(Box::new(|| remove_and_sync(&dest))),
+                before: Some(Box::new(|| super::remove_and_sync(&dest))),
+                after: Some(Box::new(|| super::remove_and_sync(&dest))),
                 stderr_log: Some(&log),
                 progress: Some(&warm_what),
             },
@@ -280,11 +265,11 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             runs,
             &mut Hooks {
                 before: Some(Box::new(|| {
-                    remove_and_sync(&dest)?;
+                    super::remove_and_sync(&dest)?;
                     testkit::drop_cache(&src);
                     Ok(())
                 })),
-                after: Some(Box::new(|| remove_and_sync(&dest))),
+                after: Some(Box::new(|| super::remove_and_sync(&dest))),
                 stderr_log: Some(&log),
                 progress: Some(&cold_what),
             },
@@ -436,7 +421,7 @@ fn flush_report(
             out.push((role, c.label, "–".into()));
             continue;
         }
-        remove_and_sync(&dest)?;
+        super::remove_and_sync(&dest)?;
         let mut argv: Vec<OsString> = [
             "strace",
             "-f",
@@ -454,7 +439,7 @@ fn flush_report(
         let text = std::fs::read_to_string(&trace)?;
         out.push((role, c.label, flushes_of(&text, &dest)));
     }
-    remove_and_sync(&dest)?;
+    super::remove_and_sync(&dest)?;
     Ok(out)
 }
 

@@ -34,15 +34,16 @@ fn best_peer(stats: &[Stats]) -> (&str, f64) {
         })
 }
 
-/// Hooks that delete `out` (untimed) before each run, so every contender
-/// writes a new file.
+/// Hooks that delete `out` (untimed) before and after each run, so every
+/// contender writes a new file and no run pays for another's blocks.
 fn removing_before_each<'a>(out: &Path, what: &'a str) -> Hooks<'a> {
     let out = out.to_owned();
     Hooks {
-        before: Some(Box::new(move || {
-            let _ = std::fs::remove_file(&out);
-            Ok(())
+        before: Some(Box::new({
+            let out = out.clone();
+            move || super::remove_and_sync(&out)
         })),
+        after: Some(Box::new(move || super::remove_and_sync(&out))),
         progress: Some(what),
         ..Hooks::default()
     }
@@ -66,6 +67,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     std::fs::create_dir_all(&scratch)?;
 
     // --- qcow2 allocation bitmap and map (issue 3) ---
+    super::empty_page_cache();
     let big = testkit::fixture("bench-1t-100k.qcow2");
     note("qcow2 bitmap: checking sparsekit against the XCP-ng port");
     let ours_bm = scratch.join("ours.bitmap");
@@ -168,6 +170,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         ("bench-w3.qcow2", "qcow2"),
         ("bench-w3-zlib.qcow2", "qcow2, zlib-compressed clusters"),
     ] {
+        super::empty_page_cache();
         let img = testkit::fixture(name);
         let out = scratch.join("w3.raw");
         let reference = scratch.join("w3-qemu.raw");
@@ -220,26 +223,46 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 c.label
             );
         }
-        let mut hooks = removing_before_each(&out, "W3");
-        let stats = race_with(&contenders, runs, &mut hooks)?;
+        let mut hooks = removing_before_each(&out, "W3 warm");
+        let warm = race_with(&contenders, runs, &mut hooks)?;
+        let mut hooks = Hooks {
+            before: Some(Box::new(|| {
+                super::remove_and_sync(&out)?;
+                testkit::drop_cache(&img);
+                Ok(())
+            })),
+            after: Some(Box::new(|| super::remove_and_sync(&out))),
+            progress: Some("W3 cold"),
+            ..Hooks::default()
+        };
+        let cold = race_with(&contenders, runs, &mut hooks)?;
         let _ = std::fs::remove_file(&out);
         let _ = writeln!(
             md,
             "## W3: copy a 16 GiB {what} with 3 GiB of data to a raw file\n\n\
-             `{}` (page cache warm); every output checked byte-identical to `qemu-img convert` first. \
+             `{}`; every output checked byte-identical to `qemu-img convert` first. \
              nbdcopy reads the image through qemu-nbd (its usual way to read qcow2). \
-             None of these flush the destination.\n",
+             None of these flush the destination.\n\n\
+             **Warm** (the image's pages cached):\n",
             display(&img)
         );
-        table(md, &stats);
-        let (peer, r) = best_peer(&stats);
+        table(md, &warm);
         let _ = writeln!(
             md,
-            "\nAgainst the best peer ({peer}): {r:.2}× (above 1: sparsekit faster).\n"
+            "\n**Cold** (the image's pages dropped before every run, posix_fadvise DONTNEED):\n"
+        );
+        table(md, &cold);
+        let (wpeer, w) = best_peer(&warm);
+        let (cpeer, c) = best_peer(&cold);
+        let _ = writeln!(
+            md,
+            "\nAgainst the best peer (above 1: sparsekit faster): warm {w:.2}× ({wpeer}), \
+             cold {c:.2}× ({cpeer}).\n"
         );
     }
 
     // --- NBD: copy and map from qemu-nbd over a Unix socket (issue 6) ---
+    super::empty_page_cache();
     let img = testkit::fixture("bench-w3.qcow2");
     let sock = scratch.join("nbd.sock");
     let server = testkit::Server::start(
@@ -338,6 +361,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     drop(server);
 
     // --- qcow2 stream from a pipe (issue 5) ---
+    super::empty_page_cache();
     let raw = testkit::fixture("bench-w3.raw");
     let stream = scratch.join("w3-stream.qcow2");
     note("stream: writing the W3 stream once");

@@ -13,6 +13,7 @@ mod images;
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -283,6 +284,34 @@ fn tool_version(cmd: &str, arg: &str) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Deletes `path` if it exists, then fsyncs its folder: the journal commit
+/// that frees (and discards) its blocks happens now, untimed, rather than
+/// during the next run. (Not sync(2): on a shared machine that waits for
+/// everyone's dirty pages.)
+pub(super) fn remove_and_sync(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync {}", dir.display()))
+}
+
+/// Empties the page cache (sync, then `drop_caches` = 1) when xtask may,
+/// as root: a workload then starts with free memory rather than paying to
+/// reclaim what earlier ones (and the fixtures) left cached. With the cache
+/// full, every new page of a destination waited for reclaim: the same W3
+/// copy took 2.2 s on a full cache and 1.05 s on an emptied one. Returns
+/// whether it could.
+pub(super) fn empty_page_cache() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
+}
+
 pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
     if images_only {
@@ -295,6 +324,7 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
     }
     START.get_or_init(Instant::now);
     let load_start = load_average();
+    let emptied = empty_page_cache();
     let bin = release_build()?;
     crate::fixtures(true)?;
     let map = bin.join("map");
@@ -315,7 +345,15 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
          (xtask's own footprint at spawn is its floor: see the `true` rows). The ratio columns \
          are each command's median divided by sparsekit's: above 1 means sparsekit is \
          faster.\n\n\
+         {}\n\n\
          Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
+        if emptied {
+            "Each workload starts on an emptied page cache (sync, then `drop_caches`), so that \
+             no run pays to reclaim the pages of earlier ones."
+        } else {
+            "The page cache could not be emptied between workloads (not root): runs may pay \
+             to reclaim the pages of earlier ones."
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         memory_gib(),
         tool_version("uname", "-r"),

@@ -10,7 +10,9 @@ use sparsekit_cli::human::{format_size, parse_size};
 use sparsekit_cli::progress::Bar;
 use sparsekit_cli::source::{self, Format, ImageOptions};
 use sparsekit_cli::sys::stop_on_signals;
-use sparsekit_copy::{CopyOptions, DestMode, Method, RawSource, Sink, copy, dest_end, verify};
+use sparsekit_copy::{
+    CopyOptions, DEFAULT_CHUNK, DestMode, Method, RawSource, Sink, copy, dest_end, verify,
+};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -62,6 +64,15 @@ struct Args {
     /// DEST already reads as zeros: do not zero anything on it.
     #[arg(long)]
     dest_is_zero: bool,
+    /// Write DEST back as the copy goes and drop its pages from the page
+    /// cache once clean, as nbdcopy does: the copy recycles a small window
+    /// of memory instead of filling the cache (default from NBD, where it
+    /// is also faster; regular files only).
+    #[arg(long, overrides_with = "no_evict")]
+    evict: bool,
+    /// Leave DEST's pages in the page cache (the default except from NBD).
+    #[arg(long)]
+    no_evict: bool,
     /// Flush DEST to stable storage at the end (always done for devices).
     #[arg(long)]
     flush: bool,
@@ -79,9 +90,10 @@ struct Args {
     /// ranges are zeroed, the rest of DEST is left alone.
     #[arg(long, value_name = "NAME")]
     bitmap: Option<String>,
-    /// Bytes per work item and per worker buffer.
-    #[arg(long, value_parser = parse_size, default_value = "256k")]
-    chunk_size: u64,
+    /// Bytes per work item and per worker buffer (default: 256k; from NBD,
+    /// 1M, read as four requests in flight).
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -106,6 +118,12 @@ const NBD_CONNECTIONS: usize = 4;
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
+    if let Some(c) = args.chunk_size {
+        anyhow::ensure!(
+            (4096..=1 << 30).contains(&c),
+            "--chunk-size must be 4k to 1G"
+        );
+    }
     if args.source == "-" {
         return import_stream(&args, stop);
     }
@@ -140,14 +158,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let source = source::into_copy_source(opened, &path);
     let source = source.as_ref();
 
-    anyhow::ensure!(
-        args.chunk_size >= 4096 && args.chunk_size <= 1 << 30,
-        "--chunk-size must be 4k to 1G"
-    );
+    // From NBD, an item's read goes out as several requests in flight on
+    // its worker's connection: on W3, 256 KiB items (one request each)
+    // copied in 4.5-4.7 s, 1 MiB ones in 3.1 s (nbdcopy 3.1 s).
+    let chunk_size = args
+        .chunk_size
+        .unwrap_or(if source::is_nbd_uri(&args.source) {
+            sparsekit_copy::NBD_CHUNK as u64
+        } else {
+            DEFAULT_CHUNK as u64
+        });
     let opts = CopyOptions {
         jobs,
         large_jobs: CopyOptions::default().large_jobs,
-        chunk_size: args.chunk_size as usize,
+        chunk_size: chunk_size as usize,
         sparse: !args.no_sparse,
         method: match args.method {
             MethodArg::Auto => Method::Auto,
@@ -192,7 +216,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         mode,
         args.dest_is_zero,
         &source_ids,
-    )?;
+    )?
+    .evict_written(evict(&args));
 
     let show = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
     let t = Instant::now();
@@ -234,11 +259,20 @@ fn options(args: &Args) -> CopyOptions {
             .jobs
             .unwrap_or_else(sparsekit_copy::default_jobs)
             .max(1),
-        chunk_size: args.chunk_size as usize,
+        chunk_size: args.chunk_size.map_or(DEFAULT_CHUNK, |c| c as usize),
         sparse: !args.no_sparse,
         flush: args.flush,
         ..CopyOptions::default()
     }
+}
+
+/// Whether DEST's pages are dropped as they are written back: `--evict`,
+/// `--no-evict`, else only from NBD.
+fn evict(args: &Args) -> bool {
+    if args.evict || args.no_evict {
+        return args.evict && !args.no_evict;
+    }
+    source::is_nbd_uri(&args.source)
 }
 
 fn show_progress(args: &Args) -> bool {
@@ -270,7 +304,8 @@ fn import_stream(args: &Args, stop: &std::sync::atomic::AtomicBool) -> anyhow::R
         DestMode::Replace,
         args.dest_is_zero,
         &[],
-    )?;
+    )?
+    .evict_written(evict(args));
     let t = Instant::now();
     let bar = Bar::new(show_progress(args), "copy");
     let stats = sparsekit_copy::stream::import(decoder, "standard input", &sink, &opts, &bar, stop);
