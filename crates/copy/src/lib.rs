@@ -60,10 +60,6 @@ pub use source::{
     ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,
 };
 
-/// Data items of at least this many bytes count against
-/// [`CopyOptions::large_jobs`].
-pub const LARGE_ITEM: u64 = 256 << 10;
-
 /// Default bytes per data work item and per worker buffer.
 ///
 /// Small enough that a worker's buffer stays in its core's cache between
@@ -251,16 +247,6 @@ pub fn default_jobs() -> usize {
 pub struct CopyOptions {
     /// Worker threads (at least 1).
     pub jobs: usize,
-    /// Workers that may copy a large data item (at least [`LARGE_ITEM`]
-    /// bytes) at the same time (default: no limit; an NBD source limits
-    /// reads of every size, one per connection: [`Source::max_reads`]).
-    /// One per core once looked right for warm copies, whose large items
-    /// are bound by memory copies (8 workers on 1 MiB extents took twice as
-    /// long as 2); since writes go out in [`WRITE_PIECE`]s that cost
-    /// is gone (W1 warm: 0.94 s unlimited, 0.95 s at 2), while a cold copy
-    /// needs many reads in flight (W1 cold: 2.1 s unlimited, 5.3 s at 2,
-    /// qemu-img -m 8 -W 2.1 s).
-    pub large_jobs: usize,
     /// Bytes per data work item and per worker buffer.
     pub chunk_size: usize,
     /// Leave holes (or skip writes) for 4 KiB blocks of data that are all
@@ -284,7 +270,6 @@ impl Default for CopyOptions {
     fn default() -> Self {
         Self {
             jobs: default_jobs(),
-            large_jobs: usize::MAX,
             chunk_size: DEFAULT_CHUNK,
             sparse: true,
             method: Method::Auto,
@@ -487,12 +472,19 @@ struct Shared<'a> {
 }
 
 /// Runs `work` on every item of `planner` from `jobs` threads, each with its
-/// own buffer of `chunk` bytes, at most `large_jobs` of them on data items
-/// of `large_item` bytes or more at once. Stops at the first error or when `stop` is
-/// raised.
+/// own buffer of `chunk` bytes, at most `max_reads` of them on data items at
+/// once ([`Source::max_reads`]; `None`: no limit). Stops at the first error
+/// or when `stop` is raised.
+///
+/// Local sources have no such limit: an earlier default of one data item
+/// per core dated from whole-item writes, when 8 workers on 1 MiB extents
+/// took twice as long as 2. With writes in [`WRITE_PIECE`]s that cost is
+/// gone (W1 warm: 0.94 s unlimited, 0.95 s at 2), while a cold copy needs
+/// many reads in flight (W1 cold: 2.1 s unlimited, 5.3 s at 2, qemu-img
+/// -m 8 -W 2.1 s).
 fn run_parallel<'a>(
     planner: Planner<'a>,
-    (jobs, large_jobs, large_item): (usize, usize, u64),
+    (jobs, max_reads): (usize, Option<usize>),
     chunk: usize,
     stop: &AtomicBool,
     progress: &dyn Progress,
@@ -506,8 +498,9 @@ fn run_parallel<'a>(
         error: None,
     });
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-    // Permits for large items: free ones counted under the mutex.
-    let large = (Mutex::new(large_jobs.max(1)), std::sync::Condvar::new());
+    // Permits for data items, when limited: free ones counted under the
+    // mutex.
+    let permits = max_reads.map(|n| (Mutex::new(n.max(1)), std::sync::Condvar::new()));
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| {
@@ -534,18 +527,18 @@ fn run_parallel<'a>(
                             }
                         }
                     };
-                    let is_large = item.kind == Kind::Data && item.len >= large_item;
-                    if is_large {
-                        let mut free = large.0.lock().unwrap_or_else(|e| e.into_inner());
+                    let permit = permits.as_ref().filter(|_| item.kind == Kind::Data);
+                    if let Some((free, freed)) = permit {
+                        let mut free = free.lock().unwrap_or_else(|e| e.into_inner());
                         while *free == 0 {
-                            free = large.1.wait(free).unwrap_or_else(|e| e.into_inner());
+                            free = freed.wait(free).unwrap_or_else(|e| e.into_inner());
                         }
                         *free -= 1;
                     }
                     let r = work(&item, buf.as_mut_slice());
-                    if is_large {
-                        *large.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-                        large.1.notify_one();
+                    if let Some((free, freed)) = permit {
+                        *free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                        freed.notify_one();
                     }
                     let mut sh = lock();
                     sh.in_flight.remove(&item.src);
@@ -573,15 +566,6 @@ fn run_parallel<'a>(
                 error,
             })
         }
-    }
-}
-
-/// `(workers, workers allowed on large items at once, bytes from which an
-/// item is large)` for `source` under `opts`.
-fn worker_limits(source: &dyn Source, opts: &CopyOptions) -> (usize, usize, u64) {
-    match source.max_reads() {
-        Some(n) => (opts.jobs, n, 1),
-        None => (opts.jobs, opts.large_jobs, LARGE_ITEM),
     }
 }
 
@@ -695,7 +679,7 @@ pub fn copy(
         }
         sink.written(item.dst, item.len)
     };
-    let limits = worker_limits(source, opts);
+    let limits = (opts.jobs, source.max_reads());
     run_parallel(planner, limits, chunk, stop, progress, written, &work)?;
     if opts.flush || sink.kind() == DestKind::BlockDevice {
         sink.sync().map_err(|error| Failed {
@@ -775,7 +759,7 @@ pub fn verify(
         }
         Ok(())
     };
-    let limits = worker_limits(source, opts);
+    let limits = (opts.jobs, source.max_reads());
     run_parallel(planner, limits, chunk * 2, stop, progress, &none, &work)
 }
 

@@ -53,9 +53,9 @@ pub trait Source: Send + Sync {
         None
     }
 
-    /// How many reads of any size the source serves best at once, when it
-    /// knows better than [`crate::CopyOptions::large_jobs`] (which only
-    /// limits large ones): an NBD source, one per connection.
+    /// How many data reads the source serves best at once, when it has a
+    /// limit (`None`: as many as there are workers): an NBD source, one
+    /// per connection.
     fn max_reads(&self) -> Option<usize> {
         None
     }

@@ -253,10 +253,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             &contenders,
             runs,
             &mut Hooks {
-                before: Some(Box::new(|| super::remove_and_sync(&dest))),
-                after: Some(Box::new(|| super::remove_and_sync(&dest))),
                 stderr_log: Some(&log),
-                progress: Some(&warm_what),
+                ..super::fresh_dest(&dest, None, &warm_what)
             },
         )?;
         let cold_what = format!("{} cold", w.id);
@@ -264,14 +262,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             &contenders,
             runs,
             &mut Hooks {
-                before: Some(Box::new(|| {
-                    super::remove_and_sync(&dest)?;
-                    testkit::drop_cache(&src);
-                    Ok(())
-                })),
-                after: Some(Box::new(|| super::remove_and_sync(&dest))),
                 stderr_log: Some(&log),
-                progress: Some(&cold_what),
+                ..super::fresh_dest(&dest, Some(&src), &cold_what)
             },
         )?;
         std::fs::remove_file(&bmap)?;

@@ -11,7 +11,7 @@ use std::process::Command;
 use anyhow::ensure;
 use sparsekit_testkit as testkit;
 
-use super::{Hooks, Stats, contender, note, race, race_with, same_map, table};
+use super::{Stats, contender, fresh_dest, note, race, race_with, same_map, table};
 use crate::{display, root, sh};
 
 fn ratio(stats: &[Stats], label: &str) -> f64 {
@@ -32,21 +32,6 @@ fn best_peer(stats: &[Stats]) -> (&str, f64) {
         .map_or(("none", f64::NAN), |s| {
             (s.label.as_str(), s.median / stats[0].median)
         })
-}
-
-/// Hooks that delete `out` (untimed) before and after each run, so every
-/// contender writes a new file and no run pays for another's blocks.
-fn removing_before_each<'a>(out: &Path, what: &'a str) -> Hooks<'a> {
-    let out = out.to_owned();
-    Hooks {
-        before: Some(Box::new({
-            let out = out.clone();
-            move || super::remove_and_sync(&out)
-        })),
-        after: Some(Box::new(move || super::remove_and_sync(&out))),
-        progress: Some(what),
-        ..Hooks::default()
-    }
 }
 
 fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
@@ -223,19 +208,12 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 c.label
             );
         }
-        let mut hooks = removing_before_each(&out, "W3 warm");
-        let warm = race_with(&contenders, runs, &mut hooks)?;
-        let mut hooks = Hooks {
-            before: Some(Box::new(|| {
-                super::remove_and_sync(&out)?;
-                testkit::drop_cache(&img);
-                Ok(())
-            })),
-            after: Some(Box::new(|| super::remove_and_sync(&out))),
-            progress: Some("W3 cold"),
-            ..Hooks::default()
-        };
-        let cold = race_with(&contenders, runs, &mut hooks)?;
+        let warm = race_with(&contenders, runs, &mut fresh_dest(&out, None, "W3 warm"))?;
+        let cold = race_with(
+            &contenders,
+            runs,
+            &mut fresh_dest(&out, Some(&img), "W3 cold"),
+        )?;
         let _ = std::fs::remove_file(&out);
         let _ = writeln!(
             md,
@@ -303,7 +281,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             c[0]
         );
     }
-    let mut hooks = removing_before_each(&out, "NBD copy");
+    let mut hooks = fresh_dest(&out, None, "NBD copy");
     let stats = race_with(
         &[
             contender("sparsekit copy", &[&copy, &"--no-progress", &uri, &out]),
@@ -384,7 +362,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         same_bytes(&out, &reference)?,
         "the stream decoded to other bytes than qemu-img convert"
     );
-    let mut hooks = removing_before_each(&out, "stream");
+    let mut hooks = fresh_dest(&out, None, "stream");
     let stats = race_with(
         &[
             contender("sparsekit: cat stream | copy - OUT", &[&"sh", &"-c", &pipe]),

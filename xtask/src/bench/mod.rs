@@ -168,6 +168,24 @@ fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
     }
 }
 
+/// Hooks that delete `dest` (and sync its folder) before and after each
+/// run, so every contender writes a new file and no run pays for another's
+/// blocks; with `cold`, that file's pages are also dropped before each run.
+fn fresh_dest<'a>(dest: &'a Path, cold: Option<&'a Path>, what: &'a str) -> Hooks<'a> {
+    Hooks {
+        before: Some(Box::new(move || {
+            remove_and_sync(dest)?;
+            if let Some(src) = cold {
+                testkit::drop_cache(src);
+            }
+            Ok(())
+        })),
+        after: Some(Box::new(move || remove_and_sync(dest))),
+        progress: Some(what),
+        ..Hooks::default()
+    }
+}
+
 /// Runs every contender `runs` times, interleaved (a, b, c, a, b, c, ...)
 /// after one warm-up each, so that drift in the machine hits all alike.
 fn race(contenders: &[Contender], runs: usize) -> anyhow::Result<Vec<Stats>> {

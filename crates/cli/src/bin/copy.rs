@@ -128,13 +128,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         return import_stream(&args, stop);
     }
     let path = source::local_path(&args.source);
+    let from_nbd = source::is_nbd_uri(&args.source);
     // From NBD, one worker per connection (as nbdcopy: up to 4, each with
     // many requests in flight): on the 16 GiB W3 export 4 workers copied in
     // 2.1-2.3 s and 8 in 3.4-4.0 s (nbdcopy 2.5-3.0 s).
     let jobs = args
         .jobs
         .unwrap_or_else(|| {
-            if source::is_nbd_uri(&args.source) {
+            if from_nbd {
                 NBD_CONNECTIONS
             } else {
                 sparsekit_copy::default_jobs()
@@ -161,16 +162,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     // From NBD, an item's read goes out as several requests in flight on
     // its worker's connection: on W3, 256 KiB items (one request each)
     // copied in 4.5-4.7 s, 1 MiB ones in 3.1 s (nbdcopy 3.1 s).
-    let chunk_size = args
-        .chunk_size
-        .unwrap_or(if source::is_nbd_uri(&args.source) {
-            sparsekit_copy::NBD_CHUNK as u64
-        } else {
-            DEFAULT_CHUNK as u64
-        });
+    let chunk_size = args.chunk_size.unwrap_or(if from_nbd {
+        sparsekit_copy::NBD_CHUNK as u64
+    } else {
+        DEFAULT_CHUNK as u64
+    });
     let opts = CopyOptions {
         jobs,
-        large_jobs: CopyOptions::default().large_jobs,
         chunk_size: chunk_size as usize,
         sparse: !args.no_sparse,
         method: match args.method {
