@@ -66,12 +66,12 @@ struct Args {
     dest_is_zero: bool,
     /// Write DEST back as the copy goes and drop its pages from the page
     /// cache once clean, as nbdcopy does: the copy recycles a small window
-    /// of memory instead of filling the cache (default from NBD, where it
-    /// is also faster; regular files only).
+    /// of memory instead of filling the cache (the default; regular files
+    /// only, and only where DEST is written in pieces of 64 KiB or more).
     #[arg(long, overrides_with = "no_evict")]
     evict: bool,
-    /// Leave DEST's pages in the page cache (the default except from NBD).
-    #[arg(long)]
+    /// Leave DEST's pages in the page cache.
+    #[arg(long, overrides_with = "evict")]
     no_evict: bool,
     /// Flush DEST to stable storage at the end (always done for devices).
     #[arg(long)]
@@ -264,13 +264,10 @@ fn options(args: &Args) -> CopyOptions {
     }
 }
 
-/// Whether DEST's pages are dropped as they are written back: `--evict`,
-/// `--no-evict`, else only from NBD.
+/// Whether DEST's pages are dropped as they are written back: unless
+/// `--no-evict` (the last of `--evict` and `--no-evict` counts).
 fn evict(args: &Args) -> bool {
-    if args.evict || args.no_evict {
-        return args.evict && !args.no_evict;
-    }
-    source::is_nbd_uri(&args.source)
+    !args.no_evict
 }
 
 fn show_progress(args: &Args) -> bool {
