@@ -51,8 +51,22 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-/// Small fixture on which each command runs under strace.
-const STRACE_FIXTURE: &str = "holes-data.raw";
+/// The file each command copies under strace: 128 MiB with 96 MiB of data
+/// in 8 extents, made in the scratch folder. Large enough that a copy which
+/// writes its destination back as it goes does so, as on the workloads.
+const STRACE_SOURCE: &str = "a 128 MiB file with 96 MiB of data in 8 extents";
+
+/// Writes the [`STRACE_SOURCE`] file at `path`.
+fn write_strace_source(path: &Path) -> anyhow::Result<()> {
+    const MIB: u64 = 1 << 20;
+    let f = File::create(path).with_context(|| format!("creating {}", display(path)))?;
+    f.set_len(128 * MIB)?;
+    let data: Vec<u8> = (0..12 * MIB).map(|i| (i % 253) as u8 + 1).collect();
+    for extent in 0..8 {
+        f.write_all_at(&data, extent * 16 * MIB)?;
+    }
+    Ok(())
+}
 
 /// How a contender's time is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,7 +412,8 @@ fn flush_report(
     programs: &Programs,
     scratch: &Scratch,
 ) -> anyhow::Result<Vec<(Role, String, String)>> {
-    let src = testkit::fixture(STRACE_FIXTURE);
+    let src = scratch.path("strace-src.raw");
+    write_strace_source(&src)?;
     let dest = scratch.path("strace-dest.raw");
     let bmap = scratch.path("strace.bmap");
     let trace = scratch.path("strace.txt");
@@ -432,6 +447,7 @@ fn flush_report(
         out.push((role, c.label, flushes_of(&text, &dest)));
     }
     super::remove_and_sync(&dest)?;
+    std::fs::remove_file(&src)?;
     Ok(out)
 }
 
@@ -524,14 +540,14 @@ fn flush_note(md: &mut String, flushes: &[(Role, String, String)]) {
     let _ = writeln!(
         md,
         "Which commands flush the destination was counted, not assumed: each ran once under \
-         `strace -f` on `{}`, counting flush calls on the destination's file descriptors \
+         `strace -f` copying {}, counting flush calls on the destination's file descriptors \
          (column *flushes DEST*).\n\n\
          - fsync or fdatasync at the end: {}.\n\
          - data written back during the copy with `sync_file_range` (and the pages then \
          dropped), no fsync: {}.\n\
          - no flush, the data left in the page cache for the kernel to write later: {}.\n\n\
          So the fair comparison for a command that flushes is `sparsekit copy --flush`.\n",
-        display(&testkit::fixture(STRACE_FIXTURE)),
+        STRACE_SOURCE,
         group(&flushes_at_end),
         group(&|f| !flushes_at_end(f) && f.contains("sync_file_range")),
         group(&|f| f == "no"),

@@ -220,7 +220,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             "## W3: copy a 16 GiB {what} with 3 GiB of data to a raw file\n\n\
              `{}`; every output checked byte-identical to `qemu-img convert` first. \
              nbdcopy reads the image through qemu-nbd (its usual way to read qcow2). \
-             None of these flush the destination.\n\n\
+             None of these fsyncs the destination; sparsekit and nbdcopy write it back \
+             during the copy (sync_file_range) and drop its pages; qemu-img leaves it in the page cache.\n\n\
              **Warm** (the image's pages cached):\n",
             display(&img)
         );
