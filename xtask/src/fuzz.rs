@@ -264,7 +264,7 @@ fn stat(line: &str, key: &str) -> Option<u64> {
     line.strip_prefix(key)?.trim().parse().ok()
 }
 
-/// Writes the seeds of `targets` into their corpora (fuzz/corpus/<target>/,
+/// Writes the seeds of `targets` into their corpora (`fuzz/corpus/<target>/`,
 /// which git ignores): fixtures and small images made with qemu-img for the
 /// qcow2 targets, writer streams, NBD transcripts. Idempotent.
 fn write_seeds(targets: &[&str]) -> anyhow::Result<()> {

@@ -68,7 +68,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Writes the `map` table: a header, one line per extent, nothing else.
-/// Totals are gathered in [`Totals`] and printed by [`Totals::write_summary`].
+/// Totals are gathered in [`Totals`] and summarised by [`Totals::summary`].
 #[derive(Debug)]
 pub struct Table<W: Write> {
     out: W,

@@ -55,7 +55,7 @@ mod sys;
 
 pub use nbd::{NbdSource, StatusStream};
 pub use qcow2::Qcow2Source;
-pub use sink::{DestKind, DestMode, EVICT_WINDOW, Sink, WRITE_PIECE};
+pub use sink::{DestKind, DestMode, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Sink, WRITE_PIECE};
 pub use source::{
     ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,
 };

@@ -61,9 +61,13 @@ fn write_strace_source(path: &Path) -> anyhow::Result<()> {
     const MIB: u64 = 1 << 20;
     let f = File::create(path).with_context(|| format!("creating {}", display(path)))?;
     f.set_len(128 * MIB)?;
-    let data: Vec<u8> = (0..12 * MIB).map(|i| (i % 253) as u8 + 1).collect();
+    // In 1 MiB pieces: a child's peak RSS counts the pages of this process
+    // at its spawn, so a larger buffer would raise every peak RSS measured.
+    let piece: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
     for extent in 0..8 {
-        f.write_all_at(&data, extent * 16 * MIB)?;
+        for i in 0..12 {
+            f.write_all_at(&piece, extent * 16 * MIB + i * MIB)?;
+        }
     }
     Ok(())
 }

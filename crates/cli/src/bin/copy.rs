@@ -23,7 +23,7 @@ use sparsekit_copy::{
 #[command(name = "copy", version)]
 struct Args {
     /// A regular file, block device or qcow2 image (the format is detected
-    /// by magic), an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// by magic), an NBD URI (nbd://HOST/EXPORT or nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH), or `-`: a forward-only qcow2 stream
     /// on standard input.
     source: String,

@@ -21,7 +21,7 @@ use sparsekit_qcow2::Image;
 #[command(name = "map", version)]
 struct Args {
     /// A regular file, block device or qcow2 image (the format is detected
-    /// by magic), or an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// by magic), or an NBD URI (nbd://HOST/EXPORT or nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH).
     source: String,
     /// Print a JSON array value-equal to `qemu-img map --output=json`
