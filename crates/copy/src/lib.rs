@@ -449,6 +449,52 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// Writes `buf` at `dst` of `sink`, then tells the sink it was written
+/// ([`Sink::written`]). With `sparse`, runs of 4 KiB destination blocks that
+/// are all zeros are zeroed instead ([`Sink::zero`]: nothing to do on a
+/// destination known to be zero), each run in one call. Counts the bytes
+/// written and those left out as zeros.
+pub(crate) fn write_data(
+    sink: &Sink,
+    buf: &[u8],
+    dst: u64,
+    sparse: bool,
+    written: &AtomicU64,
+    zero_detected: &AtomicU64,
+) -> Result<(), Error> {
+    if !sparse {
+        sink.write_at(buf, dst)?;
+        written.fetch_add(buf.len() as u64, Relaxed);
+        return sink.written(dst, buf.len() as u64);
+    }
+    // Runs of all-zero and not-all-zero blocks, aligned to the
+    // destination's 4 KiB blocks.
+    let mut at = 0usize;
+    while at < buf.len() {
+        let off = dst + at as u64;
+        let first = ((off / SPARSE_BLOCK + 1) * SPARSE_BLOCK - off) as usize;
+        let zero = is_zero(&buf[at..(at + first).min(buf.len())]);
+        let mut end = (at + first).min(buf.len());
+        while end < buf.len() {
+            let next = (end + SPARSE_BLOCK as usize).min(buf.len());
+            if is_zero(&buf[end..next]) != zero {
+                break;
+            }
+            end = next;
+        }
+        let n = (end - at) as u64;
+        if zero {
+            sink.zero(off, n, &ZEROS)?;
+            zero_detected.fetch_add(n, Relaxed);
+        } else {
+            sink.write_at(&buf[at..end], off)?;
+            written.fetch_add(n, Relaxed);
+        }
+        at = end;
+    }
+    sink.written(dst, buf.len() as u64)
+}
+
 /// True when every byte of `b` is zero.
 pub fn is_zero(b: &[u8]) -> bool {
     let (chunks, rest) = b.as_chunks::<64>();
@@ -647,37 +693,7 @@ pub fn copy(
         }
         let buf = &mut buf[..item.len as usize];
         source.read_at(buf, item.src).map_err(Error::Source)?;
-        if !sparse {
-            sink.write_at(buf, item.dst)?;
-            written.fetch_add(item.len, Relaxed);
-            return sink.written(item.dst, item.len);
-        }
-        // Runs of all-zero and not-all-zero blocks, aligned to the
-        // destination's 4 KiB blocks.
-        let mut at = 0usize;
-        while at < buf.len() {
-            let dst = item.dst + at as u64;
-            let first = ((dst / SPARSE_BLOCK + 1) * SPARSE_BLOCK - dst) as usize;
-            let zero = is_zero(&buf[at..(at + first).min(buf.len())]);
-            let mut end = (at + first).min(buf.len());
-            while end < buf.len() {
-                let next = (end + SPARSE_BLOCK as usize).min(buf.len());
-                if is_zero(&buf[end..next]) != zero {
-                    break;
-                }
-                end = next;
-            }
-            let n = (end - at) as u64;
-            if zero {
-                sink.zero(dst, n, &ZEROS)?;
-                zero_detected.fetch_add(n, Relaxed);
-            } else {
-                sink.write_at(&buf[at..end], dst)?;
-                written.fetch_add(n, Relaxed);
-            }
-            at = end;
-        }
-        sink.written(item.dst, item.len)
+        write_data(sink, buf, item.dst, sparse, written, zero_detected)
     };
     let limits = (opts.jobs, source.max_reads());
     run_parallel(planner, limits, chunk, stop, progress, written, &work)?;

@@ -70,9 +70,8 @@ pub struct Sink {
     /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
     /// it cannot, then as written zeros.
     zeroing_unsupported: std::sync::atomic::AtomicBool,
-    /// Ranges whose write-back was started and whose pages are to be
-    /// dropped once clean (regular files only), oldest first, and their
-    /// total length.
+    /// What was written and not yet dropped from the page cache, when
+    /// [`Sink::evict_written`] is on (regular files only).
     behind: Option<std::sync::Mutex<Behind>>,
 }
 
@@ -267,10 +266,11 @@ impl Sink {
         self
     }
 
-    /// Called once `len` bytes at `offset` were written: starts their
-    /// write-back and drops the pages of ranges written long enough ago
-    /// from the page cache, so that the copy recycles a small window of
-    /// pages instead of filling the cache with the destination.
+    /// Called once `len` bytes at `offset` were written. With eviction on,
+    /// adds them to the span being gathered; once it holds [`EVICT_SPAN`]
+    /// bytes, starts its write-back (unless it was written in pieces
+    /// under [`EVICT_MIN_WRITE`]) and, past [`EVICT_WINDOW`], waits for
+    /// the oldest span's write-back and drops its pages.
     pub fn written(&self, offset: u64, len: u64) -> Result<(), Error> {
         let Some(behind) = &self.behind else {
             return Ok(());

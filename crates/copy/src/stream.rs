@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use sparsekit_extent::{ExtentIterExt, Kind};
 use sparsekit_qcow2::{GuestOffset, StreamDecoder, StreamLayout, StreamWriter};
 
-use crate::{CopyOptions, CopyStats, Error, Failed, Progress, SPARSE_BLOCK, Sink, Source, is_zero};
+use crate::{CopyOptions, CopyStats, Error, Failed, Progress, Sink, Source};
 
 /// Errors of stream import and export.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,7 @@ pub fn import<R: Read>(
                     if abort.load(Relaxed) {
                         continue;
                     }
-                    let r = write_chunk(sink, guest, &data, sparse, &written, &zero_detected);
+                    let r = crate::write_data(sink, &data, guest, sparse, &written, &zero_detected);
                     match r {
                         Ok(()) => progress.advance(data.len() as u64),
                         Err(e) => record(guest, e),
@@ -143,36 +143,6 @@ pub fn import<R: Read>(
         zero_detected: zero_detected.load(Relaxed),
         unallocated: size - read.load(Relaxed).min(size),
     })
-}
-
-fn write_chunk(
-    sink: &Sink,
-    guest: u64,
-    data: &[u8],
-    sparse: bool,
-    written: &AtomicU64,
-    zero_detected: &AtomicU64,
-) -> Result<(), Error> {
-    if !sparse {
-        sink.write_at(data, guest)?;
-        written.fetch_add(data.len() as u64, Relaxed);
-        return sink.written(guest, data.len() as u64);
-    }
-    let mut at = 0usize;
-    while at < data.len() {
-        let off = guest + at as u64;
-        let end =
-            (((off / SPARSE_BLOCK) + 1) * SPARSE_BLOCK - guest).min(data.len() as u64) as usize;
-        let block = &data[at..end];
-        if is_zero(block) {
-            zero_detected.fetch_add(block.len() as u64, Relaxed);
-        } else {
-            sink.write_at(block, off)?;
-            written.fetch_add(block.len() as u64, Relaxed);
-        }
-        at = end;
-    }
-    sink.written(guest, data.len() as u64)
 }
 
 /// What [`export`] wrote.

@@ -129,20 +129,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let path = source::local_path(&args.source);
     let from_nbd = source::is_nbd_uri(&args.source);
-    // From NBD, one worker per connection (as nbdcopy: up to 4, each with
-    // many requests in flight): on the 16 GiB W3 export 4 workers copied in
-    // 2.1-2.3 s and 8 in 3.4-4.0 s (nbdcopy 2.5-3.0 s).
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| {
-            if from_nbd {
-                NBD_CONNECTIONS
-            } else {
-                sparsekit_copy::default_jobs()
-            }
-        })
-        .max(1);
-    let connections = jobs.min(NBD_CONNECTIONS);
+    let opts = options(&args, from_nbd);
+    let connections = opts.jobs.min(NBD_CONNECTIONS);
     let contexts: Vec<String> = args
         .bitmap
         .iter()
@@ -159,28 +147,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let source = source::into_copy_source(opened, &path);
     let source = source.as_ref();
 
-    // From NBD, an item's read goes out as several requests in flight on
-    // its worker's connection: on W3, 256 KiB items (one request each)
-    // copied in 4.5-4.7 s, 1 MiB ones in 3.1 s (nbdcopy 3.1 s).
-    let chunk_size = args.chunk_size.unwrap_or(if from_nbd {
-        sparsekit_copy::NBD_CHUNK as u64
-    } else {
-        DEFAULT_CHUNK as u64
-    });
-    let opts = CopyOptions {
-        jobs,
-        chunk_size: chunk_size as usize,
-        sparse: !args.no_sparse,
-        method: match args.method {
-            MethodArg::Auto => Method::Auto,
-            MethodArg::ReadWrite => Method::ReadWrite,
-            MethodArg::CopyFileRange => Method::CopyFileRange,
-        },
-        skip: args.skip,
-        dest_offset: args.offset.unwrap_or(0),
-        flush: args.flush,
-        bitmap: args.bitmap.clone(),
-    };
     if args.output_format == Format::Qcow2 {
         return export_stream(&args, source, &opts, stop);
     }
@@ -217,7 +183,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?
     .evict_written(evict(&args));
 
-    let show = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+    let show = show_progress(&args);
     let t = Instant::now();
     let bar = Bar::new(show, "copy");
     let stats = copy(source, &sink, &opts, &bar, stop);
@@ -251,16 +217,43 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn options(args: &Args) -> CopyOptions {
+/// The copy's options from the command line; `from_nbd` picks the
+/// defaults for an NBD source.
+fn options(args: &Args, from_nbd: bool) -> CopyOptions {
+    // From NBD, one worker per connection (as nbdcopy: up to 4, each with
+    // many requests in flight): on the 16 GiB W3 export 4 workers copied in
+    // 2.1-2.3 s and 8 in 3.4-4.0 s (nbdcopy 2.5-3.0 s).
+    let jobs = args.jobs.unwrap_or_else(|| {
+        if from_nbd {
+            NBD_CONNECTIONS
+        } else {
+            sparsekit_copy::default_jobs()
+        }
+    });
+    // From NBD, an item's read goes out as several requests in flight on
+    // its worker's connection: on W3, 256 KiB items (one request each)
+    // copied in 4.5-4.7 s, 1 MiB ones in 3.1 s (nbdcopy 3.1 s).
+    let chunk_size = args.chunk_size.map_or(
+        if from_nbd {
+            sparsekit_copy::NBD_CHUNK
+        } else {
+            DEFAULT_CHUNK
+        },
+        |c| c as usize,
+    );
     CopyOptions {
-        jobs: args
-            .jobs
-            .unwrap_or_else(sparsekit_copy::default_jobs)
-            .max(1),
-        chunk_size: args.chunk_size.map_or(DEFAULT_CHUNK, |c| c as usize),
+        jobs: jobs.max(1),
+        chunk_size,
         sparse: !args.no_sparse,
+        method: match args.method {
+            MethodArg::Auto => Method::Auto,
+            MethodArg::ReadWrite => Method::ReadWrite,
+            MethodArg::CopyFileRange => Method::CopyFileRange,
+        },
+        skip: args.skip,
+        dest_offset: args.offset.unwrap_or(0),
         flush: args.flush,
-        ..CopyOptions::default()
+        bitmap: args.bitmap.clone(),
     }
 }
 
@@ -288,7 +281,7 @@ fn import_stream(args: &Args, stop: &std::sync::atomic::AtomicBool) -> anyhow::R
         args.output_format == Format::Raw && args.dest != "-",
         "copy: a stream on standard input is written to a raw file or device"
     );
-    let opts = options(args);
+    let opts = options(args, false);
     let stdin = std::io::stdin().lock();
     let decoder =
         sparsekit_qcow2::StreamDecoder::new(stdin).context("qcow2 stream on standard input")?;
