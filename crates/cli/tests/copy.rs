@@ -199,12 +199,14 @@ fn resident_bytes(path: &Path) -> u64 {
     vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64
 }
 
-/// `--evict` (nbdcopy's way, and the default): the destination is written
-/// back as the copy goes and its clean pages dropped, so at most a window
-/// of it stays cached; with `--no-evict` the whole copy is. A copy written
-/// in small pieces (8 KiB extents) is not evicted: writing it back would
-/// cost the file system an allocation per piece. On ext4, every copy
-/// byte-identical.
+/// `--evict` (nbdcopy's way): the destination is written back as the copy
+/// goes and its clean pages dropped, so at most a window of it stays
+/// cached; with `--no-evict` the whole copy is. By default a copy evicts
+/// when it writes more data than the kernel's dirty background threshold
+/// or an amount it cannot know beforehand (a stream on standard input).
+/// A copy written in small pieces (8 KiB extents) is not evicted: writing
+/// it back would cost the file system an allocation per piece. On ext4,
+/// every copy byte-identical.
 #[test]
 fn evict_drops_the_destination_from_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,16 +225,51 @@ fn evict_drops_the_destination_from_the_page_cache() {
             sparse[at..at + piece.len()].copy_from_slice(piece);
         }
     }
+    // From a qcow2 stream on standard input: how much data it holds is not
+    // known before the copy.
+    let image = dir.path().join("whole.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            whole.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    );
+    // 256 MiB is below the kernel's dirty background threshold here, so a
+    // copy of it whose size is known keeps DEST cached by default.
+    let threshold = sparsekit_copy::dirty_background_bytes().expect("/proc tells the threshold");
+    assert!(
+        threshold > 256 << 20,
+        "{threshold}: too little memory for this test"
+    );
     let evicted = 96u64 << 20;
     let cached = 100u64 << 20;
     for (src, want, args, expect) in [
-        (&whole, &data, &[][..], Some(evicted)),
+        (&whole, &data, &[][..], None),
         (&whole, &data, &["--evict"], Some(evicted)),
         (&whole, &data, &["--evict", "--no-evict"], None),
-        (&pieces, &sparse, &[], None),
+        (&whole, &data, &["--no-evict", "--evict"], Some(evicted)),
+        (&image, &data, &["-"], Some(evicted)),
+        (&image, &data, &["-", "--no-evict"], None),
+        (&pieces, &sparse, &["--evict"], None),
     ] {
         let dst = dir.path().join("dst.raw");
-        ok(&copy(args, src, &dst));
+        if args.first() == Some(&"-") {
+            let out = Command::new(env!("CARGO_BIN_EXE_copy"))
+                .args(args)
+                .arg(&dst)
+                .stdin(std::fs::File::open(src).unwrap())
+                .output()
+                .unwrap();
+            ok(&out);
+        } else {
+            ok(&copy(args, src, &dst));
+        }
         // Before reading it back, which caches it.
         let resident = resident_bytes(&dst);
         let what = format!("{} {args:?}", src.display());

@@ -55,9 +55,12 @@ mod sys;
 
 pub use nbd::{NbdSource, StatusStream};
 pub use qcow2::Qcow2Source;
-pub use sink::{DestKind, DestMode, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Sink, WRITE_PIECE};
+pub use sink::{
+    DestKind, DestMode, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Sink, WRITE_PIECE,
+    dirty_background_bytes, evict_by_default,
+};
 pub use source::{
-    ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,
+    ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError, count_data,
 };
 
 /// Default bytes per data work item and per worker buffer.

@@ -60,6 +60,17 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// Bytes of data in `range`: what a copy of it reads and writes. The
+    /// count may stop once it passes `limit` (a copy asks whether it will
+    /// write more than some threshold, not how much), and is `None` when
+    /// the source cannot tell without reading the data or its map fails
+    /// (the copy then reports the failure).
+    ///
+    /// By default it walks [`Source::extents`], stopping past `limit`.
+    fn data_bytes(&self, range: Range<u64>, limit: u64) -> Option<u64> {
+        count_data(self.extents(range), limit)
+    }
+
     /// The ranges of `range` marked dirty in the persistent bitmap
     /// `bitmap` (for incremental copies).
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {
@@ -68,6 +79,22 @@ pub trait Source: Send + Sync {
             name: self.name().to_owned(),
         }))
     }
+}
+
+/// Sums the data extents of `extents`, stopping once past `limit`; `None`
+/// at the first error.
+pub fn count_data(extents: ExtentStream<'_>, limit: u64) -> Option<u64> {
+    let mut data = 0u64;
+    for e in extents {
+        let e = e.ok()?;
+        if e.kind == sparsekit_extent::Kind::Data {
+            data = data.saturating_add(e.length);
+            if data > limit {
+                break;
+            }
+        }
+    }
+    Some(data)
 }
 
 /// A raw file or block device: its bytes are the disk.
@@ -153,5 +180,65 @@ impl Source for RawSource {
 
     fn raw_file(&self) -> Option<&File> {
         Some(self.mapper.file())
+    }
+
+    /// A regular file's allocated blocks bound its data from above, and
+    /// cost one fstat: when they are within `limit`, they are the answer.
+    /// Otherwise (a preallocated file, a block device) the map is walked.
+    fn data_bytes(&self, range: Range<u64>, limit: u64) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        if self.mapper.kind() == sparsekit_fiemap::FileKind::Regular {
+            let allocated = self
+                .mapper
+                .file()
+                .metadata()
+                .ok()?
+                .blocks()
+                .saturating_mul(512);
+            if allocated <= limit {
+                return Some(allocated.min(range.end.saturating_sub(range.start)));
+            }
+        }
+        count_data(self.extents(range), limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_raw_file_counts_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.raw");
+        let f = File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for at in [1u64 << 20, 9 << 20, 40 << 20] {
+            f.write_all_at(&[7u8; 1 << 20], at).unwrap();
+        }
+        f.sync_all().unwrap();
+        let src = RawSource::open(&path).unwrap();
+        // Under the limit: the allocated blocks, a bound from above.
+        let blocks = f.metadata().unwrap().blocks() * 512;
+        assert!(blocks >= 3 << 20);
+        assert_eq!(src.data_bytes(0..64 << 20, u64::MAX), Some(blocks));
+        // Over it: the map, counted until past the limit.
+        assert_eq!(src.data_bytes(0..64 << 20, 1 << 20), Some(2 << 20));
+        assert_eq!(src.data_bytes(8 << 20..64 << 20, 0), Some(1 << 20));
+        // A range shorter than the file's blocks.
+        assert_eq!(src.data_bytes(0..4096, u64::MAX), Some(4096));
+    }
+
+    #[test]
+    fn a_failing_map_counts_nothing() {
+        let extents: ExtentStream<'_> = Box::new(
+            [
+                Ok(Extent::new(0, 10, sparsekit_extent::Kind::Data)),
+                Err("broken".into()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(count_data(extents, u64::MAX), None);
     }
 }

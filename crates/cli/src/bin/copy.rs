@@ -66,11 +66,15 @@ struct Args {
     dest_is_zero: bool,
     /// Write DEST back as the copy goes and drop its pages from the page
     /// cache once clean, as nbdcopy does: the copy recycles a small window
-    /// of memory instead of filling the cache (the default; regular files
-    /// only, and only where DEST is written in pieces of 64 KiB or more).
+    /// of memory instead of filling the cache (regular files only, and only
+    /// where DEST is written in pieces of 64 KiB or more). The default when
+    /// the copy writes more data than the kernel's dirty background
+    /// threshold (vm.dirty_background_bytes or _ratio), or an unknown
+    /// amount (from NBD or a stream).
     #[arg(long, overrides_with = "no_evict")]
     evict: bool,
-    /// Leave DEST's pages in the page cache.
+    /// Leave DEST's pages in the page cache, to be written back by the
+    /// kernel (the default for copies of less data than the threshold).
     #[arg(long, overrides_with = "evict")]
     no_evict: bool,
     /// Flush DEST to stable storage at the end (always done for devices).
@@ -181,7 +185,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.dest_is_zero,
         &source_ids,
     )?
-    .evict_written(evict(&args));
+    .evict_written(evict(&args, |threshold| {
+        source.data_bytes(opts.skip..source.size(), threshold)
+    }));
 
     let show = show_progress(&args);
     let t = Instant::now();
@@ -257,10 +263,19 @@ fn options(args: &Args, from_nbd: bool) -> CopyOptions {
     }
 }
 
-/// Whether DEST's pages are dropped as they are written back: unless
-/// `--no-evict` (the last of `--evict` and `--no-evict` counts).
-fn evict(args: &Args) -> bool {
-    !args.no_evict
+/// Whether DEST's pages are dropped as they are written back: as the last
+/// of `--evict` and `--no-evict` says, else from the bytes of data the copy
+/// will write (`data`, given the threshold where it may stop counting;
+/// `None` if unknown) against the kernel's dirty background threshold.
+fn evict(args: &Args, data: impl FnOnce(u64) -> Option<u64>) -> bool {
+    if args.evict {
+        true
+    } else if args.no_evict {
+        false
+    } else {
+        let threshold = sparsekit_copy::dirty_background_bytes();
+        sparsekit_copy::evict_by_default(data(threshold.unwrap_or(0)), threshold)
+    }
 }
 
 fn show_progress(args: &Args) -> bool {
@@ -293,7 +308,7 @@ fn import_stream(args: &Args, stop: &std::sync::atomic::AtomicBool) -> anyhow::R
         args.dest_is_zero,
         &[],
     )?
-    .evict_written(evict(args));
+    .evict_written(evict(args, |_| None));
     let t = Instant::now();
     let bar = Bar::new(show_progress(args), "copy");
     let stats = sparsekit_copy::stream::import(decoder, "standard input", &sink, &opts, &bar, stop);
