@@ -40,6 +40,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -72,6 +73,15 @@ pub use source::{
 /// destination's page cache ran several times slower per byte), on 2
 /// cores with 2 MiB of L2 each.
 pub const DEFAULT_CHUNK: usize = 256 << 10;
+/// Default bytes per data work item from a raw file or device: read in
+/// [`READ_PIECE`]s while the page cache holds them, whole where it does
+/// not. On W1 (2 GiB in 2,000 extents), cold, 1 MiB items copied in
+/// 2.26 s and 256 KiB ones in 3.92 s (qemu-img convert 3.24 s); warm, as
+/// fast as 256 KiB items, where 1 MiB read whole took 1.22 s against 1.04 s.
+pub const RAW_CHUNK: usize = 1 << 20;
+/// Reads of cached data from a raw source go in pieces of this size, so
+/// that each piece is still in the core's cache when it is written.
+pub const READ_PIECE: usize = 256 << 10;
 /// Bytes per data work item from an NBD source: four of the client's
 /// default read requests ([`sparsekit_nbd::client::DEFAULT_READ_REQUEST`]), in
 /// flight together on the worker's connection. One request per item
@@ -678,6 +688,8 @@ pub fn copy(
     });
     let stats = [(); 4].map(|()| AtomicU64::new(0));
     let [data_read, written, zero_detected, unallocated] = &stats;
+    // Cleared where the file system cannot read without waiting.
+    let nowait = AtomicBool::new(true);
 
     let work = |item: &Item, buf: &mut [u8]| -> Result<(), Error> {
         if item.kind.reads_as_zero() {
@@ -695,8 +707,50 @@ pub fn copy(
             use_cfr.store(false, Relaxed);
         }
         let buf = &mut buf[..item.len as usize];
-        source.read_at(buf, item.src).map_err(Error::Source)?;
-        write_data(sink, buf, item.dst, sparse, written, zero_detected)
+        // What the page cache holds goes piece by piece, each written
+        // while it is still in the core's cache; from where it runs out,
+        // the rest of the item is read in one request, which a disk serves
+        // faster than several small ones.
+        let mut done = 0;
+        if let Some(f) = raw.filter(|_| nowait.load(Relaxed)) {
+            let len = buf.len();
+            while done < len {
+                let piece = &mut buf[done..(done + READ_PIECE).min(len)];
+                match sys::pread_cached(f.as_fd(), piece, item.src + done as u64) {
+                    Ok(n) if n == piece.len() => {}
+                    Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {
+                        nowait.store(false, Relaxed);
+                        break;
+                    }
+                    _ => break,
+                }
+                let n = piece.len();
+                write_data(
+                    sink,
+                    piece,
+                    item.dst + done as u64,
+                    sparse,
+                    written,
+                    zero_detected,
+                )?;
+                done += n;
+            }
+        }
+        if done == buf.len() {
+            return Ok(());
+        }
+        let rest = &mut buf[done..];
+        source
+            .read_at(rest, item.src + done as u64)
+            .map_err(Error::Source)?;
+        write_data(
+            sink,
+            rest,
+            item.dst + done as u64,
+            sparse,
+            written,
+            zero_detected,
+        )
     };
     let limits = (opts.jobs, source.max_reads());
     run_parallel(planner, limits, chunk, stop, progress, written, &work)?;

@@ -62,3 +62,22 @@ pub(crate) fn sync_file_range(
     let r = unsafe { libc::sync_file_range(fd.as_raw_fd(), offset as i64, len as i64, flags) };
     Errno::result(r).map(drop)
 }
+
+/// Reads into `buf` at `offset` only what the page cache holds, without
+/// waiting for the disk (preadv2 with RWF_NOWAIT): the bytes read, fewer
+/// than asked (possibly 0) where the cache runs out, or EAGAIN when it
+/// holds none of them.
+pub(crate) fn pread_cached(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<usize, Errno> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the one iovec points to `buf`, writable for `buf.len()`
+    // bytes and borrowed mutably for the call; `fd` is open for the call.
+    let r = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) };
+    Errno::result(r).map(|n| n as usize)
+}

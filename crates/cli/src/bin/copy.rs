@@ -133,7 +133,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let path = source::local_path(&args.source);
     let from_nbd = source::is_nbd_uri(&args.source);
-    let opts = options(&args, from_nbd);
+    let mut opts = options(&args, from_nbd);
     let connections = opts.jobs.min(NBD_CONNECTIONS);
     let contexts: Vec<String> = args
         .bitmap
@@ -158,6 +158,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.dest != "-",
         "copy: writing raw data to standard output is not supported; use -O qcow2 for a stream"
     );
+    if args.chunk_size.is_none() && source.raw_file().is_some() {
+        opts.chunk_size = sparsekit_copy::RAW_CHUNK;
+    }
     let dest = source::local_path(&args.dest);
     let mode = if args.bitmap.is_some() {
         // An incremental copy updates the previous full copy in place.
