@@ -840,6 +840,40 @@ pub fn verify(
 mod tests {
     use super::*;
 
+    /// An item whose first pieces are cached and the rest not: the cached
+    /// pieces and the rest read whole make up the same bytes.
+    #[test]
+    fn partly_cached_items_copy_whole() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8 + 1).collect();
+        let f = std::fs::File::create(&src).unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        f.sync_all().unwrap();
+        // Drop every other 384 KiB: items of 1 MiB start cached and end
+        // not, or the other way round.
+        for at in (0..8u64 << 20).step_by(768 << 10) {
+            nix::fcntl::posix_fadvise(
+                f.as_fd(),
+                at as i64,
+                384 << 10,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+        }
+        let source = RawSource::open(&src).unwrap();
+        let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[]).unwrap();
+        let opts = CopyOptions {
+            chunk_size: RAW_CHUNK,
+            jobs: 3,
+            ..CopyOptions::default()
+        };
+        let stats = copy(&source, &sink, &opts, &NoProgress, &AtomicBool::new(false)).unwrap();
+        assert_eq!(stats.data_written, 8 << 20);
+        assert!(std::fs::read(&dst).unwrap() == data);
+    }
+
     #[test]
     fn is_zero_finds_any_byte() {
         let mut v = vec![0u8; 4096 + 7];
