@@ -83,7 +83,7 @@ pub trait Source: Send + Sync {
 
 /// Sums the data extents of `extents`, stopping once past `limit`; `None`
 /// at the first error.
-pub fn count_data(extents: ExtentStream<'_>, limit: u64) -> Option<u64> {
+pub(crate) fn count_data(extents: ExtentStream<'_>, limit: u64) -> Option<u64> {
     let mut data = 0u64;
     for e in extents {
         let e = e.ok()?;
