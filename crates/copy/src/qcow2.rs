@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use sparsekit_extent::ExtentIterExt;
-use sparsekit_qcow2::Image;
+use sparsekit_qcow2::{Image, Subcluster};
 
 use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 
@@ -15,6 +15,9 @@ use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 pub struct Qcow2Source {
     image: Image,
     name: String,
+    /// The top image's data file again with O_DIRECT, where the file
+    /// system has it.
+    uncached: Option<sparsekit_fiemap::Uncached>,
 }
 
 impl Qcow2Source {
@@ -26,6 +29,7 @@ impl Qcow2Source {
     /// Wraps an open image; `path` is used in messages.
     pub fn new(image: Image, path: &Path) -> Self {
         Self {
+            uncached: sparsekit_fiemap::Uncached::open(image.top().data_file()),
             image,
             name: path.display().to_string(),
         }
@@ -61,6 +65,32 @@ impl Source for Qcow2Source {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
         self.image.read_at(buf, offset).map_err(SourceError::from)
+    }
+
+    /// Where `buf`'s range is the top image's own uncompressed data
+    /// clusters, each host-contiguous run is read straight from its data
+    /// file; anything else (holes, zeros, compressed clusters, backing
+    /// files, cached pages) is left to [`Source::read_at`].
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let Some(u) = &self.uncached else {
+            return false;
+        };
+        let top = self.image.top();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let Ok((Subcluster::Normal(host), len)) =
+                top.subcluster_run(pos, (buf.len() - done) as u64)
+            else {
+                return false;
+            };
+            let len = (len as usize).min(buf.len() - done);
+            if !u.read_at(&mut buf[done..done + len], host.0) {
+                return false;
+            }
+            done += len;
+        }
+        true
     }
 
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {

@@ -53,6 +53,16 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// Fills `buf` with the bytes at `offset` straight from the disk,
+    /// bypassing the page cache, where the source can and the cache holds
+    /// none of them ([`sparsekit_fiemap::Uncached`]). Returns whether it
+    /// did; when not, `buf` holds nothing to trust and the caller reads it
+    /// with [`Source::read_at`]. By default it never does.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let _ = (buf, offset);
+        false
+    }
+
     /// How many data reads the source serves best at once, when it has a
     /// limit (`None`: as many as there are workers): an NBD source, one
     /// per connection.
@@ -102,6 +112,8 @@ pub(crate) fn count_data(extents: ExtentStream<'_>, limit: u64) -> Option<u64> {
 pub struct RawSource {
     mapper: Mapper,
     name: String,
+    /// The file again with O_DIRECT, where the file system has it.
+    uncached: Option<sparsekit_fiemap::Uncached>,
 }
 
 impl RawSource {
@@ -114,6 +126,7 @@ impl RawSource {
     pub fn new(mapper: Mapper) -> Self {
         Self {
             name: mapper.path().display().to_string(),
+            uncached: sparsekit_fiemap::Uncached::open(mapper.file()),
             mapper,
         }
     }
@@ -180,6 +193,12 @@ impl Source for RawSource {
 
     fn raw_file(&self) -> Option<&File> {
         Some(self.mapper.file())
+    }
+
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
+        self.uncached
+            .as_ref()
+            .is_some_and(|u| u.read_at(buf, offset))
     }
 
     /// A regular file's allocated blocks bound its data from above, and

@@ -45,8 +45,8 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -632,9 +632,114 @@ pub fn drop_page_cache(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Alignment of an [`Uncached`] read: its offset, length and buffer
+/// address. 4096 covers the logical block size of every disk and file
+/// system in use (512 or 4096).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A second descriptor of an open file with O_DIRECT, for reading what
+/// the page cache does not hold straight from the disk into the caller's
+/// buffer.
+///
+/// A buffered read of uncached data allocates page-cache pages, fills
+/// them from the disk and copies them out; a direct read skips both, and
+/// reaches the disk in requests as large as the caller's. On the bench VM
+/// a cold copy of 2 GiB in 1 MiB extents went from 2.5–6.2 s buffered
+/// (requests of 512 KiB) to 2.2–3.0 s direct (1 MiB), `qemu-img convert
+/// -m 8 -W` taking 2.7–5.4 s in the same rounds. Pages that are cached are
+/// never read this way: [`Uncached::read_at`] only reads ranges of which
+/// the cache holds nothing, so what another process wrote and the cache
+/// holds is never bypassed.
+#[derive(Debug)]
+pub struct Uncached {
+    direct: File,
+}
+
+impl Uncached {
+    /// Opens `file` again (through /proc/self/fd, so the same inode) with
+    /// O_DIRECT, read-only. `None` where that fails: a file system without
+    /// direct I/O (tmpfs), /proc not mounted.
+    pub fn open(file: &File) -> Option<Self> {
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
+        let same = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino(), m.rdev()));
+        (same(&direct).is_some() && same(&direct) == same(file)).then_some(Self { direct })
+    }
+
+    /// Fills `buf` with the bytes at `offset` straight from the disk when
+    /// the page cache holds none of them and `offset`, `buf.len()` and
+    /// `buf`'s address are multiples of [`DIRECT_ALIGN`]. Returns whether
+    /// it did; when not (cached pages, misaligned, a short read at the end
+    /// of the file, any error), `buf` holds nothing to trust and the caller
+    /// reads it the usual way, which reports errors as they are.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let aligned = |n: u64| n.is_multiple_of(DIRECT_ALIGN as u64);
+        if buf.is_empty()
+            || !aligned(offset)
+            || !aligned(buf.len() as u64)
+            || !aligned(buf.as_ptr() as u64)
+            || sys::cached_pages(self.direct.as_fd(), offset, buf.len() as u64) != Ok(0)
+        {
+            return false;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match self.direct.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page-aligned window of `v`, `len` bytes long.
+    fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+        v.resize(len + DIRECT_ALIGN, 0);
+        let skip = v.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut v[skip..skip + len]
+    }
+
+    #[test]
+    fn uncached_reads_only_what_the_cache_does_not_hold() {
+        use std::os::unix::fs::FileExt;
+        // In the crate's directory: /tmp may be a tmpfs, which has no
+        // direct I/O.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        drop_page_cache(&file).unwrap();
+        let u = Uncached::open(&file).expect("ext4 or xfs has O_DIRECT");
+        let mut v = Vec::new();
+        let buf = aligned(&mut v, 64 * 1024);
+        assert!(u.read_at(buf, 128 * 1024));
+        assert_eq!(buf, &data[128 * 1024..192 * 1024]);
+        // Misaligned offset, length or address: left to the caller.
+        assert!(!u.read_at(&mut buf[..1000], 0));
+        assert!(!u.read_at(buf, 100));
+        assert!(!u.read_at(&mut buf[1..4097], 0));
+        // Past the end: a short read, left to the caller.
+        assert!(!u.read_at(buf, 224 * 1024));
+        // Once a page of the range is cached, the range is read buffered.
+        let mut one = [0u8; 1];
+        file.read_exact_at(&mut one, 4096).unwrap();
+        assert!(!u.read_at(buf, 0));
+        assert!(u.read_at(buf, 192 * 1024));
+        assert_eq!(buf, &data[192 * 1024..]);
+    }
 
     /// A `struct fiemap_extent` as the kernel lays it out.
     fn extent_bytes(logical: u64, length: u64, flags: u32) -> Vec<u8> {

@@ -1,4 +1,4 @@
-//! Every `unsafe` block of the crate: the FIEMAP and BLKGETSIZE64 ioctls.
+//! Every `unsafe` block of the crate: the FIEMAP and BLKGETSIZE64 ioctls, and cachestat.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -67,4 +67,47 @@ pub(crate) fn block_device_size(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
     // to a live local of that type; `fd` is open for the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
     Errno::result(r).map(|_| size)
+}
+
+/// `cachestat(2)`'s number: the same on every architecture (the numbers
+/// from 424 on are shared), and missing from some of libc's tables.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` from linux/mman.h.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` from linux/mman.h.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// How many pages of `[offset, offset + len)` of the file open on `fd`
+/// the page cache holds, without reading any (`cachestat(2)`, Linux 6.5;
+/// ENOSYS before).
+pub(crate) fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<u64, Errno> {
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: `range` and `stat` live across the call and are laid out as
+    // the kernel's structs (repr(C)); it reads one and writes the other.
+    // `fd` is open for the call; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0 as libc::c_uint,
+        )
+    };
+    Errno::result(r).map(|_| stat.nr_cache)
 }

@@ -259,6 +259,13 @@ impl Qcow2 {
         &self.host.file
     }
 
+    /// The open file guest data clusters live in: the external data file
+    /// where there is one, else the image file. A
+    /// [`Subcluster::Normal`] host offset is an offset into it.
+    pub fn data_file(&self) -> &File {
+        &self.data_host().file
+    }
+
     /// The virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.header.size
