@@ -218,6 +218,34 @@ struct Hooks<'a> {
 
 /// Runs every contender `runs` times, interleaved, with no warm-up, calling
 /// the hooks around each run.
+/// The order of the contenders in round `run`: the listed order first,
+/// then a different shuffle each round (seeded by the round, so the same
+/// in every bench). A fixed order gives each command the same predecessor
+/// every round, and on this VM that matters: a command that follows one
+/// which left GiBs of page cache to free (deleted with its output) fills
+/// the cache with recycled pages, while one that follows an evicting
+/// command takes pages the host has reclaimed (the balloon's free page
+/// reporting), each a host fault. In W3, `qemu-img convert -m 8 -W` took
+/// 1.4 s after `qemu-img convert` and 3.1–9.2 s after other commands.
+fn round_order(n: usize, run: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if run == 0 {
+        return order;
+    }
+    // xorshift64*, seeded by the round.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (run as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
 fn race_with(
     contenders: &[Contender],
     runs: usize,
@@ -225,7 +253,8 @@ fn race_with(
 ) -> anyhow::Result<Vec<Stats>> {
     let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     for run in 0..runs {
-        for (c, s) in contenders.iter().zip(&mut samples) {
+        for i in round_order(contenders.len(), run) {
+            let (c, s) = (&contenders[i], &mut samples[i]);
             if let Some(what) = hooks.progress {
                 note(&format!("{what}, run {}/{runs}: {}", run + 1, c.label));
             }
@@ -358,7 +387,9 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
         "# Benchmarks\n\n\
          Written by `cargo xtask bench` (reproduce with that command; `--runs N` sets the runs \
          per command, default 5; this file: `--runs {runs}`). Every command runs once to warm \
-         up, then all of a workload's commands take turns, `--runs` times; the median wall \
+         up, then all of a workload's commands take turns, `--runs` times, in the listed order \
+         the first round and a different shuffle (seeded by the round) in each of the others, \
+         so that no command always follows the same one; the median wall \
          time is reported, with standard output sent to /dev/null and peak RSS from wait4 \
          (xtask's own footprint at spawn is its floor: see the `true` rows). The ratio columns \
          are each command's median divided by sparsekit's: above 1 means sparsekit is \
@@ -455,4 +486,32 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
     print!("{md}");
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn rounds_are_permutations_in_changing_orders() {
+        assert_eq!(round_order(5, 0), vec![0, 1, 2, 3, 4]);
+        let rounds: Vec<Vec<usize>> = (0..5).map(|r| round_order(5, r)).collect();
+        for r in &rounds {
+            let mut sorted = r.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+        }
+        // Each command follows more than one other across the rounds.
+        let predecessors = |c: usize| -> std::collections::HashSet<usize> {
+            rounds
+                .iter()
+                .filter_map(|r| {
+                    let p = r.iter().position(|&x| x == c)?;
+                    p.checked_sub(1).map(|q| r[q])
+                })
+                .collect()
+        };
+        assert!((0..5).all(|c| predecessors(c).len() >= 2));
+        assert_eq!(round_order(1, 3), vec![0]);
+    }
 }
