@@ -719,16 +719,16 @@ pub fn copy(
                 zero_detected,
             )
         };
-        // An item the page cache holds none of is read from the disk
-        // straight into the buffer, in one request. What the cache holds
+        // What the page cache holds none of is read from the disk straight
+        // into the buffer, in one request per host run. What the cache holds
         // goes piece by piece, each written while it is still in the
         // core's cache; from where it runs out, the rest of the item is
         // read in one request, which a disk serves faster than several
         // small ones.
-        if source.read_uncached(buf, item.src) {
-            return write(buf, 0);
+        let mut done = source.read_uncached(buf, item.src);
+        if done > 0 {
+            write(&buf[..done], 0)?;
         }
-        let mut done = 0;
         if let Some(f) = raw.filter(|_| nowait.load(Relaxed)) {
             while done < buf.len() {
                 let end = (done + READ_PIECE).min(buf.len());

@@ -67,30 +67,31 @@ impl Source for Qcow2Source {
         self.image.read_at(buf, offset).map_err(SourceError::from)
     }
 
-    /// Where `buf`'s range is the top image's own uncompressed data
-    /// clusters, each host-contiguous run is read straight from its data
-    /// file; anything else (holes, zeros, compressed clusters, backing
-    /// files, cached pages) is left to [`Source::read_at`].
-    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
+    /// Reads the top image's own uncompressed data clusters at the start
+    /// of `buf` straight from its data file, one host-contiguous run at a
+    /// time, up to the first thing that is not (holes, zeros, compressed
+    /// clusters, backing files, cached pages): [`Source::read_at`] reads
+    /// from there on.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> usize {
         let Some(u) = &self.uncached else {
-            return false;
+            return 0;
         };
         let top = self.image.top();
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
             let Ok((Subcluster::Normal(host), len)) =
-                top.subcluster_run(pos, (buf.len() - done) as u64)
+                top.subcluster_run(offset + done as u64, want)
             else {
-                return false;
+                break;
             };
-            let len = (len as usize).min(buf.len() - done);
-            if !u.read_at(&mut buf[done..done + len], host.0) {
-                return false;
+            let end = done + len.min(want) as usize;
+            if !u.read_at(&mut buf[done..end], host.0) {
+                break;
             }
-            done += len;
+            done = end;
         }
-        true
+        done
     }
 
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {

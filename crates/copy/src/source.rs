@@ -53,14 +53,15 @@ pub trait Source: Send + Sync {
         None
     }
 
-    /// Fills `buf` with the bytes at `offset` straight from the disk,
-    /// bypassing the page cache, where the source can and the cache holds
-    /// none of them ([`sparsekit_fiemap::Uncached`]). Returns whether it
-    /// did; when not, `buf` holds nothing to trust and the caller reads it
-    /// with [`Source::read_at`]. By default it never does.
-    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
+    /// Fills the start of `buf` with the bytes at `offset` straight from
+    /// the disk, bypassing the page cache, where the source can and the
+    /// cache holds none of them ([`sparsekit_fiemap::Uncached`]). Returns
+    /// how many bytes it read (0 to `buf.len()`); the caller reads the rest
+    /// with [`Source::read_at`], which reports any error. By default it
+    /// reads none.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> usize {
         let _ = (buf, offset);
-        false
+        0
     }
 
     /// How many data reads the source serves best at once, when it has a
@@ -195,10 +196,13 @@ impl Source for RawSource {
         Some(self.mapper.file())
     }
 
-    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> bool {
-        self.uncached
-            .as_ref()
-            .is_some_and(|u| u.read_at(buf, offset))
+    /// All of `buf` or nothing: one request, when the cache holds none of
+    /// it.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> usize {
+        match &self.uncached {
+            Some(u) if u.read_at(buf, offset) => buf.len(),
+            _ => 0,
+        }
     }
 
     /// A regular file's allocated blocks bound its data from above, and

@@ -666,8 +666,9 @@ impl Uncached {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()?;
-        let same = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino(), m.rdev()));
-        (same(&direct).is_some() && same(&direct) == same(file)).then_some(Self { direct })
+        let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino(), m.rdev()));
+        let direct_id = id(&direct)?;
+        (id(file) == Some(direct_id)).then_some(Self { direct })
     }
 
     /// Fills `buf` with the bytes at `offset` straight from the disk when

@@ -216,8 +216,6 @@ struct Hooks<'a> {
     progress: Option<&'a str>,
 }
 
-/// Runs every contender `runs` times, interleaved, with no warm-up, calling
-/// the hooks around each run.
 /// The order of the contenders in round `run`: the listed order first,
 /// then a different shuffle each round (seeded by the round, so the same
 /// in every bench). A fixed order gives each command the same predecessor
@@ -246,6 +244,8 @@ fn round_order(n: usize, run: usize) -> Vec<usize> {
     order
 }
 
+/// Runs every contender `runs` times, interleaved, with no warm-up, calling
+/// the hooks around each run.
 fn race_with(
     contenders: &[Contender],
     runs: usize,
