@@ -248,7 +248,9 @@ fn evict_drops_the_destination_from_the_page_cache() {
     );
     // 256 MiB is below the kernel's dirty background threshold here, so a
     // copy of it whose size is known keeps DEST cached by default.
-    let threshold = sparsekit_copy::dirty_background_bytes().expect("/proc tells the threshold");
+    let threshold = sparsekit_copy::dirty_thresholds()
+        .expect("/proc tells the thresholds")
+        .background;
     assert!(
         threshold > 256 << 20,
         "{threshold}: too little memory for this test"

@@ -57,8 +57,8 @@ mod sys;
 pub use nbd::{NbdSource, StatusStream};
 pub use qcow2::Qcow2Source;
 pub use sink::{
-    DestKind, DestMode, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Sink, WRITE_PIECE,
-    dirty_background_bytes, evict_by_default,
+    DestKind, DestMode, DirtyThresholds, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Evict,
+    PACE_WINDOW, SLOW_PACE, Sink, WRITE_PIECE, dirty_thresholds, evict_by_default,
 };
 pub use source::{
     ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,

@@ -39,43 +39,107 @@ pub const EVICT_SPAN: u64 = 4 << 20;
 /// without.
 pub const EVICT_MIN_WRITE: u64 = 64 << 10;
 
-/// Whether a copy that writes `data` bytes of data should evict the
-/// destination's pages as it goes ([`Sink::evict_written`]), when the user
-/// did not say: when `data` is more than `threshold`, the kernel's dirty
-/// background threshold ([`dirty_background_bytes`]), or either is
-/// unknown.
-///
-/// Below that threshold the kernel does not start writing back, so the
-/// copy ends with its data dirty in the cache, as `cp`'s; writing back as
-/// it goes only adds work (on the bench VM, 2 GiB of 2,000 extents copied
-/// in 0.69 s without eviction and 1.84 s with). Above it, the kernel's
-/// flusher and, further on, the writer's throttling compete with the copy,
-/// and the cache fills with pages it will not read again: 3 GiB of a
-/// qcow2 image copied in 4.58 s without eviction and 2.35 s with (the
-/// threshold there is 2.3 GiB).
-pub fn evict_by_default(data: Option<u64>, threshold: Option<u64>) -> bool {
-    match (data, threshold) {
-        (Some(data), Some(threshold)) => data > threshold,
-        _ => true,
+/// When a copy drops the destination's pages from the page cache as it
+/// writes them ([`Sink::evict_written`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evict {
+    /// Never: the kernel writes the destination back when it sees fit, as
+    /// it does for `cp` and `qemu-img convert`.
+    Never,
+    /// From the first write, as nbdcopy does.
+    Always,
+    /// Once the page cache takes the destination's writes slower than
+    /// [`SLOW_PACE`], measured over every [`PACE_WINDOW`] bytes written.
+    WhenSlow,
+}
+
+/// Below this many bytes a second of writing into the page cache, a copy
+/// in [`Evict::WhenSlow`] starts evicting: recycling its own pages is then
+/// faster than taking new ones. The time counted is the time some worker
+/// spends in a write, so workers waiting on each other or on their reads
+/// do not slow the pace. On the bench VM, whose balloon hands free pages
+/// back to the host, a write into pages the cache has not used recently
+/// costs a host fault per page: 3 GiB of W3 went into the cache at about
+/// 0.4 GiB/s (7.0 s, against 2.7 s evicting); into recycled pages, at over
+/// 2 GiB/s (1.25 s, against 2.2 s evicting, which writes the 3 GiB back
+/// inside the copy).
+pub const SLOW_PACE: u64 = 1 << 30;
+
+/// Bytes of writes over which [`SLOW_PACE`] is measured.
+pub const PACE_WINDOW: u64 = 128 << 20;
+
+/// How much dirty data the kernel lets the page cache hold: past
+/// `background` its flusher starts writing back, past `limit` writers wait
+/// for it, and halfway between the two (its "free-run ceiling") it starts
+/// slowing them down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyThresholds {
+    /// `vm.dirty_background_bytes`, else `vm.dirty_background_ratio`
+    /// percent of the memory that can hold dirty pages.
+    pub background: u64,
+    /// `vm.dirty_bytes`, else `vm.dirty_ratio` percent of it.
+    pub limit: u64,
+}
+
+impl DirtyThresholds {
+    /// The thresholds the kernel applies for these settings: a background
+    /// threshold not below the limit is taken as half the limit.
+    pub fn new(background: u64, limit: u64) -> Self {
+        let background = if background >= limit {
+            limit / 2
+        } else {
+            background
+        };
+        Self { background, limit }
+    }
+
+    /// Where the kernel starts throttling writers: halfway between the two
+    /// thresholds.
+    pub fn free_run(&self) -> u64 {
+        self.background / 2 + self.limit / 2
     }
 }
 
-/// How many dirty bytes the kernel lets the page cache hold before its
-/// flusher starts writing them back: `vm.dirty_background_bytes` when set,
-/// else `vm.dirty_background_ratio` percent of the memory that can hold
-/// dirty pages (free pages and the file cache, as the kernel counts it).
-/// `None` when /proc cannot tell.
-pub fn dirty_background_bytes() -> Option<u64> {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    background_threshold(
-        &read("/proc/sys/vm/dirty_background_bytes")?,
-        &read("/proc/sys/vm/dirty_background_ratio")?,
-        &read("/proc/meminfo")?,
-    )
+/// When a copy that writes `data` bytes of data should evict the
+/// destination's pages, when the user did not say.
+///
+/// - Up to the background threshold: [`Evict::Never`]. The kernel does not
+///   start writing back, so the copy ends with its data dirty in the cache,
+///   as `cp`'s; writing back as it goes only adds work (2 GiB of 2,000
+///   extents copied in 0.69 s without eviction and 1.84 s with).
+/// - Up to the free-run ceiling: [`Evict::WhenSlow`]. The flusher writes
+///   back beside the copy but does not hold it up, so eviction pays only
+///   where the cache is slow to take new pages (see [`SLOW_PACE`]).
+/// - Past it, or when `data` or the thresholds are unknown:
+///   [`Evict::Always`]. The kernel would throttle the copy to the disk's
+///   pace anyway, and the cache would fill with pages nobody reads again.
+pub fn evict_by_default(data: Option<u64>, thresholds: Option<DirtyThresholds>) -> Evict {
+    match (data, thresholds) {
+        (Some(data), Some(t)) if data <= t.background => Evict::Never,
+        (Some(data), Some(t)) if data <= t.free_run() => Evict::WhenSlow,
+        _ => Evict::Always,
+    }
 }
 
-/// [`dirty_background_bytes`] from the texts of its three /proc files.
-fn background_threshold(bytes: &str, ratio: &str, meminfo: &str) -> Option<u64> {
+/// The kernel's [`DirtyThresholds`] now, from /proc; `None` when /proc
+/// cannot tell.
+pub fn dirty_thresholds() -> Option<DirtyThresholds> {
+    let read = |p: &str| std::fs::read_to_string(format!("/proc/sys/vm/{p}")).ok();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let background = threshold(
+        &read("dirty_background_bytes")?,
+        &read("dirty_background_ratio")?,
+        &meminfo,
+    )?;
+    let limit = threshold(&read("dirty_bytes")?, &read("dirty_ratio")?, &meminfo)?;
+    Some(DirtyThresholds::new(background, limit))
+}
+
+/// One threshold from the texts of its two sysctls (bytes, which wins when
+/// set, and ratio) and /proc/meminfo: the ratio applies to the memory that
+/// can hold dirty pages (free pages and the file cache, as the kernel
+/// counts it).
+fn threshold(bytes: &str, ratio: &str, meminfo: &str) -> Option<u64> {
     let bytes: u64 = bytes.trim().parse().ok()?;
     if bytes > 0 {
         return Some(bytes);
@@ -138,6 +202,57 @@ pub struct Sink {
     /// What was written and not yet dropped from the page cache, when
     /// [`Sink::evict_written`] is on (regular files only).
     behind: Option<std::sync::Mutex<Behind>>,
+    /// Whether written ranges are evicted now: from the start with
+    /// [`Evict::Always`], once the pace is slow with [`Evict::WhenSlow`].
+    evicting: std::sync::atomic::AtomicBool,
+    /// The pace of writes, while [`Evict::WhenSlow`] waits to decide.
+    pace: Option<std::sync::Mutex<Pace>>,
+}
+
+/// Writes into the page cache measured for [`Evict::WhenSlow`]: bytes
+/// written in the current [`PACE_WINDOW`] and the time during which some
+/// worker was writing.
+#[derive(Debug, Default)]
+struct Pace {
+    writing: u32,
+    since: Option<std::time::Instant>,
+    busy: std::time::Duration,
+    bytes: u64,
+}
+
+impl Pace {
+    /// A write starts at `now`.
+    fn start(&mut self, now: std::time::Instant) {
+        if self.writing == 0 {
+            self.since = Some(now);
+        }
+        self.writing += 1;
+    }
+
+    /// A write of `len` bytes ends at `now`. At the end of a
+    /// [`PACE_WINDOW`], returns the window's pace in bytes a second and
+    /// starts the next.
+    fn end(&mut self, now: std::time::Instant, len: u64) -> Option<u64> {
+        let since = self.since.unwrap_or(now);
+        self.writing = self.writing.saturating_sub(1);
+        self.bytes += len;
+        if self.writing == 0 {
+            self.busy += now - since;
+            self.since = None;
+        }
+        if self.bytes < PACE_WINDOW {
+            return None;
+        }
+        let busy = self.busy + self.since.map_or_else(Default::default, |s| now - s);
+        // A window written in under a microsecond is fast, not unmeasured.
+        let pace = self.bytes as u128 * 1_000_000 / busy.as_micros().max(1);
+        self.bytes = 0;
+        self.busy = Default::default();
+        if self.since.is_some() {
+            self.since = Some(now);
+        }
+        Some(u64::try_from(pace).unwrap_or(u64::MAX))
+    }
 }
 
 /// Written ranges of the destination, gathered into spans of
@@ -273,6 +388,8 @@ impl Sink {
             size,
             zeroing_unsupported: false.into(),
             behind: None,
+            evicting: false.into(),
+            pace: None,
         }
     }
 
@@ -303,31 +420,51 @@ impl Sink {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pace = self.pace.as_ref().filter(|_| !self.evicting.load(Relaxed));
+        fn lock(p: &std::sync::Mutex<Pace>) -> std::sync::MutexGuard<'_, Pace> {
+            p.lock().unwrap_or_else(|e| e.into_inner())
+        }
         for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
             let at = offset + (i * WRITE_PIECE) as u64;
-            self.file
-                .write_all_at(piece, at)
-                .map_err(|source| Error::Write {
-                    path: self.path.clone(),
-                    offset: at,
-                    len: piece.len() as u64,
-                    source,
-                })?;
+            if let Some(pace) = pace {
+                lock(pace).start(std::time::Instant::now());
+            }
+            let r = self.file.write_all_at(piece, at);
+            if let Some(pace) = pace {
+                let window = lock(pace).end(std::time::Instant::now(), piece.len() as u64);
+                if window.is_some_and(|bytes_per_s| bytes_per_s < SLOW_PACE) {
+                    self.evicting
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            r.map_err(|source| Error::Write {
+                path: self.path.clone(),
+                offset: at,
+                len: piece.len() as u64,
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Drops the destination's pages from the page cache as they are
-    /// written back ([`Sink::written`]), as nbdcopy does: a regular file's
+    /// written back ([`Sink::written`]), as nbdcopy does, always or once
+    /// the page cache is slow to take writes ([`Evict`]): a regular file's
     /// copy then recycles a window of [`EVICT_WINDOW`] bytes of pages
     /// instead of filling the cache with the destination. No effect on a
     /// block device, nor where the copy writes pieces smaller than
-    /// [`EVICT_MIN_WRITE`] on average. On the bench VM, where a page the
-    /// cache has not used before costs a host fault, it took W3 (3 GiB of
-    /// a 16 GiB qcow2) from 4.4 s to 1.9 s, W1 (2 GiB in 2,000 extents)
-    /// from 2.0 s to 1.5 s; from qemu-nbd, 4.1 s to 2.0 s.
-    pub fn evict_written(mut self, on: bool) -> Self {
-        self.behind = (on && self.kind == DestKind::Regular).then(Default::default);
+    /// [`EVICT_MIN_WRITE`] on average; [`Evict::WhenSlow`] measures only
+    /// writes through [`Sink::write_at`], not copy_file_range. On the
+    /// bench VM, where a page the cache has not used before costs a host
+    /// fault, it took W3 (3 GiB of a 16 GiB qcow2) from 4.4 s to 1.9 s, W1
+    /// (2 GiB in 2,000 extents) from 2.0 s to 1.5 s; from qemu-nbd, 4.1 s
+    /// to 2.0 s.
+    pub fn evict_written(mut self, when: Evict) -> Self {
+        let regular = self.kind == DestKind::Regular;
+        self.behind = (when != Evict::Never && regular).then(Default::default);
+        self.evicting = (when == Evict::Always).into();
+        self.pace = (when == Evict::WhenSlow && regular).then(Default::default);
         self
     }
 
@@ -340,6 +477,9 @@ impl Sink {
         let Some(behind) = &self.behind else {
             return Ok(());
         };
+        if !self.evicting.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let (start, evict) = {
             let mut b = behind.lock().unwrap_or_else(|e| e.into_inner());
             let span = b.gathering.get_or_insert(Span {
@@ -529,40 +669,76 @@ mod tests {
     #[test]
     fn the_threshold_is_a_ratio_of_free_and_file_pages() {
         // (20,000,000 + 1,000,000 + 2,000,000) kB, 10%.
-        let t = background_threshold("0\n", "10\n", MEMINFO);
+        let t = threshold("0\n", "10\n", MEMINFO);
         assert_eq!(t, Some(23_000_000 * 1024 / 100 * 10));
     }
 
     #[test]
-    fn dirty_background_bytes_wins_when_set() {
-        assert_eq!(
-            background_threshold("1048576\n", "10\n", MEMINFO),
-            Some(1 << 20)
-        );
+    fn bytes_win_over_the_ratio_when_set() {
+        assert_eq!(threshold("1048576\n", "10\n", MEMINFO), Some(1 << 20));
     }
 
     #[test]
     fn a_meminfo_without_the_fields_gives_no_threshold() {
-        assert_eq!(background_threshold("0", "10", "MemTotal: 1 kB\n"), None);
-        assert_eq!(background_threshold("0", "ten", MEMINFO), None);
-        assert_eq!(background_threshold("", "10", MEMINFO), None);
+        assert_eq!(threshold("0", "10", "MemTotal: 1 kB\n"), None);
+        assert_eq!(threshold("0", "ten", MEMINFO), None);
+        assert_eq!(threshold("", "10", MEMINFO), None);
     }
 
     #[test]
-    fn evicts_past_the_threshold_or_when_unknown() {
-        let t = Some(2 << 30);
-        assert!(!evict_by_default(Some(0), t));
-        assert!(!evict_by_default(Some(2 << 30), t));
-        assert!(evict_by_default(Some((2 << 30) + 1), t));
-        assert!(evict_by_default(None, t));
-        assert!(evict_by_default(Some(0), None));
+    fn evicts_when_slow_past_the_background_threshold_and_always_past_free_run() {
+        let thresholds = DirtyThresholds::new(2 << 30, 4 << 30);
+        assert_eq!(thresholds.free_run(), 3 << 30);
+        let t = Some(thresholds);
+        assert_eq!(evict_by_default(Some(0), t), Evict::Never);
+        assert_eq!(evict_by_default(Some(2 << 30), t), Evict::Never);
+        assert_eq!(evict_by_default(Some((2 << 30) + 1), t), Evict::WhenSlow);
+        assert_eq!(evict_by_default(Some(3 << 30), t), Evict::WhenSlow);
+        assert_eq!(evict_by_default(Some((3 << 30) + 1), t), Evict::Always);
+        assert_eq!(evict_by_default(None, t), Evict::Always);
+        assert_eq!(evict_by_default(Some(0), None), Evict::Always);
+    }
+
+    #[test]
+    fn a_background_threshold_not_below_the_limit_is_half_of_it() {
+        // As the kernel's domain_dirty_limits() takes it.
+        let t = DirtyThresholds::new(2 << 30, 1 << 30);
+        assert_eq!(t.background, 512 << 20);
+        assert_eq!(t.free_run(), 768 << 20);
+        assert_eq!(DirtyThresholds::new(1 << 30, 4 << 30).background, 1 << 30);
+    }
+
+    #[test]
+    fn the_pace_counts_time_when_some_write_is_running_once() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let half = PACE_WINDOW / 2;
+        let mut p = Pace::default();
+        // Two writes overlapping over [0, 100) ms, then an idle gap that
+        // does not count, then a write over [500, 600) ms ending the window.
+        p.start(ms(0));
+        p.start(ms(50));
+        assert_eq!(p.end(ms(80), 0), None);
+        assert_eq!(p.end(ms(100), half), None);
+        p.start(ms(500));
+        let pace = p.end(ms(600), half).expect("a whole window");
+        assert_eq!(pace, PACE_WINDOW * 5);
+        // The next window starts empty; one still writing at its end counts
+        // up to then, and the rest of its time goes to the next window.
+        p.start(ms(1000));
+        p.start(ms(1000));
+        let pace = p.end(ms(1200), PACE_WINDOW).expect("a whole window");
+        assert_eq!(pace, PACE_WINDOW * 5);
+        assert_eq!(p.end(ms(1300), half), None);
+        assert_eq!(p.busy, Duration::from_millis(100));
     }
 
     #[test]
     fn this_machine_has_a_threshold() {
         // Linux always has these files; a None here would make every copy
         // evict without anyone noticing.
-        let t = dirty_background_bytes().expect("/proc/sys/vm and /proc/meminfo readable");
-        assert!(t > 0);
+        let t = dirty_thresholds().expect("/proc/sys/vm and /proc/meminfo readable");
+        assert!(t.background > 0 && t.limit > 0);
     }
 }

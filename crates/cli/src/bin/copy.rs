@@ -11,7 +11,7 @@ use sparsekit_cli::progress::Bar;
 use sparsekit_cli::source::{self, Format, ImageOptions};
 use sparsekit_cli::sys::stop_on_signals;
 use sparsekit_copy::{
-    CopyOptions, DEFAULT_CHUNK, DestMode, Method, RawSource, Sink, copy, dest_end, verify,
+    CopyOptions, DEFAULT_CHUNK, DestMode, Evict, Method, RawSource, Sink, copy, dest_end, verify,
 };
 
 /// Copy a disk image's data, and only its data, in parallel.
@@ -67,14 +67,17 @@ struct Args {
     /// Write DEST back as the copy goes and drop its pages from the page
     /// cache once clean, as nbdcopy does: the copy recycles a small window
     /// of memory instead of filling the cache (regular files only, and only
-    /// where DEST is written in pieces of 64 KiB or more). The default when
-    /// the copy writes more data than the kernel's dirty background
-    /// threshold (vm.dirty_background_bytes or _ratio), or an unknown
-    /// amount (from NBD or a stream).
+    /// where DEST is written in pieces of 64 KiB or more). The default,
+    /// from the first write, when the copy writes more data than halfway
+    /// between the kernel's two dirty thresholds (vm.dirty_background_* and
+    /// vm.dirty_*, where the kernel starts slowing writers) or an unknown
+    /// amount (from NBD or a stream); for more than the background
+    /// threshold, once the page cache takes writes slower than 1 GiB/s.
     #[arg(long, overrides_with = "no_evict")]
     evict: bool,
     /// Leave DEST's pages in the page cache, to be written back by the
-    /// kernel (the default for copies of less data than the threshold).
+    /// kernel (the default for copies of less data than the dirty
+    /// background threshold).
     #[arg(long, overrides_with = "evict")]
     no_evict: bool,
     /// Flush DEST to stable storage at the end (always done for devices).
@@ -266,18 +269,20 @@ fn options(args: &Args, from_nbd: bool) -> CopyOptions {
     }
 }
 
-/// Whether DEST's pages are dropped as they are written back: as the last
-/// of `--evict` and `--no-evict` says, else from the bytes of data the copy
+/// When DEST's pages are dropped as they are written back: as the last of
+/// `--evict` and `--no-evict` says, else from the bytes of data the copy
 /// will write (`data`, given the threshold where it may stop counting;
-/// `None` if unknown) against the kernel's dirty background threshold.
-fn evict(args: &Args, data: impl FnOnce(u64) -> Option<u64>) -> bool {
+/// `None` if unknown) against the kernel's dirty thresholds.
+fn evict(args: &Args, data: impl FnOnce(u64) -> Option<u64>) -> Evict {
     if args.evict {
-        true
+        Evict::Always
     } else if args.no_evict {
-        false
+        Evict::Never
     } else {
-        let threshold = sparsekit_copy::dirty_background_bytes();
-        sparsekit_copy::evict_by_default(data(threshold.unwrap_or(0)), threshold)
+        let thresholds = sparsekit_copy::dirty_thresholds();
+        // One byte past the free-run ceiling is enough to know.
+        let past = thresholds.map_or(0, |t| t.free_run().saturating_add(1));
+        sparsekit_copy::evict_by_default(data(past), thresholds)
     }
 }
 
