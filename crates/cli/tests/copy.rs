@@ -207,9 +207,10 @@ fn resident_bytes(path: &Path) -> u64 {
 
 /// `--evict` (nbdcopy's way): the destination is written back as the copy
 /// goes and its clean pages dropped, so at most a window of it stays
-/// cached; with `--no-evict` the whole copy is. By default a copy evicts
-/// when it writes more data than the kernel's dirty background threshold
-/// or an amount it cannot know beforehand (a stream on standard input).
+/// cached; with `--no-evict` the whole copy is. By default a copy of less
+/// data than the kernel's dirty background threshold does not evict, and
+/// one of an amount it cannot know beforehand (a stream on standard input)
+/// does.
 /// A copy written in small pieces (8 KiB extents) is not evicted: writing
 /// it back would cost the file system an allocation per piece. On ext4,
 /// every copy byte-identical.

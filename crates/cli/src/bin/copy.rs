@@ -280,9 +280,8 @@ fn evict(args: &Args, data: impl FnOnce(u64) -> Option<u64>) -> Evict {
         Evict::Never
     } else {
         let thresholds = sparsekit_copy::dirty_thresholds();
-        // One byte past the free-run ceiling is enough to know.
-        let past = thresholds.map_or(0, |t| t.free_run().saturating_add(1));
-        sparsekit_copy::evict_by_default(data(past), thresholds)
+        let ceiling = thresholds.map_or(0, |t| t.free_run());
+        sparsekit_copy::evict_by_default(data(ceiling), thresholds)
     }
 }
 
