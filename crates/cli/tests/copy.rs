@@ -207,10 +207,11 @@ fn resident_bytes(path: &Path) -> u64 {
 
 /// `--evict` (nbdcopy's way): the destination is written back as the copy
 /// goes and its clean pages dropped, so at most a window of it stays
-/// cached; with `--no-evict` the whole copy is. By default a copy of less
-/// data than the kernel's dirty background threshold does not evict, and
-/// one of an amount it cannot know beforehand (a stream on standard input)
-/// does.
+/// cached; with `--no-evict` the whole copy is. By default a copy of an
+/// amount it cannot know beforehand (a stream on standard input) evicts
+/// from the start. (A copy of a known amount below the kernel's free-run
+/// ceiling decides by how fast the page cache takes its writes, which no
+/// test can fix; `evict_by_default` and the pace are unit-tested.)
 /// A copy written in small pieces (8 KiB extents) is not evicted: writing
 /// it back would cost the file system an allocation per piece. On ext4,
 /// every copy byte-identical.
@@ -247,20 +248,10 @@ fn evict_drops_the_destination_from_the_page_cache() {
             image.to_str().unwrap(),
         ],
     );
-    // 256 MiB is below the kernel's dirty background threshold here, so a
-    // copy of it whose size is known keeps DEST cached by default.
-    let threshold = sparsekit_copy::dirty_thresholds()
-        .expect("/proc tells the thresholds")
-        .background;
-    assert!(
-        threshold > 256 << 20,
-        "{threshold}: too little memory for this test"
-    );
     let evicted = 96u64 << 20;
     let cached = 100u64 << 20;
     for (src, want, args, expect) in [
-        (&whole, &data, &[][..], None),
-        (&whole, &data, &["--evict"], Some(evicted)),
+        (&whole, &data, &["--evict"][..], Some(evicted)),
         (&whole, &data, &["--evict", "--no-evict"], None),
         (&whole, &data, &["--no-evict", "--evict"], Some(evicted)),
         (&image, &data, &["-"], Some(evicted)),

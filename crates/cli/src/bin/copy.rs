@@ -71,13 +71,13 @@ struct Args {
     /// from the first write, when the copy writes more data than halfway
     /// between the kernel's two dirty thresholds (vm.dirty_background_* and
     /// vm.dirty_*, where the kernel starts slowing writers) or an unknown
-    /// amount (from NBD or a stream); for more than the background
-    /// threshold, once the page cache takes writes slower than 1 GiB/s.
+    /// amount (from NBD or a stream); for less, once the page cache takes
+    /// writes slower than 1 GiB/s.
     #[arg(long, overrides_with = "no_evict")]
     evict: bool,
     /// Leave DEST's pages in the page cache, to be written back by the
-    /// kernel (the default for copies of less data than the dirty
-    /// background threshold).
+    /// kernel (the default for copies of less data than the free-run
+    /// ceiling, as long as the page cache takes writes fast).
     #[arg(long, overrides_with = "evict")]
     no_evict: bool,
     /// Flush DEST to stable storage at the end (always done for devices).
