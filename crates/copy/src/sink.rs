@@ -6,6 +6,9 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -67,6 +70,10 @@ pub const SLOW_PACE: u64 = 1 << 30;
 
 /// Bytes of writes over which [`SLOW_PACE`] is measured.
 pub const PACE_WINDOW: u64 = 128 << 20;
+
+/// How long a [`PACE_WINDOW`] may take at [`SLOW_PACE`]: a window busy
+/// longer can only end slow.
+const SLOWEST_WINDOW: Duration = Duration::from_micros(PACE_WINDOW * 1_000_000 / SLOW_PACE);
 
 /// How much dirty data the kernel lets the page cache hold: past
 /// `background` its flusher starts writing back, past `limit` writers wait
@@ -197,15 +204,15 @@ pub struct Sink {
     size: u64,
     /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
     /// it cannot, then as written zeros.
-    zeroing_unsupported: std::sync::atomic::AtomicBool,
+    zeroing_unsupported: AtomicBool,
     /// What was written and not yet dropped from the page cache, when
     /// [`Sink::evict_written`] is on (regular files only).
-    behind: Option<std::sync::Mutex<Behind>>,
+    behind: Option<Mutex<Behind>>,
     /// Whether written ranges are evicted now: from the start with
     /// [`Evict::Always`], once the pace is slow with [`Evict::WhenSlow`].
-    evicting: std::sync::atomic::AtomicBool,
+    evicting: AtomicBool,
     /// The pace of writes, while [`Evict::WhenSlow`] waits to decide.
-    pace: Option<std::sync::Mutex<Pace>>,
+    pace: Option<Mutex<Pace>>,
 }
 
 /// Writes into the page cache measured for [`Evict::WhenSlow`]: bytes
@@ -214,14 +221,14 @@ pub struct Sink {
 #[derive(Debug, Default)]
 struct Pace {
     writing: u32,
-    since: Option<std::time::Instant>,
-    busy: std::time::Duration,
+    since: Option<Instant>,
+    busy: Duration,
     bytes: u64,
 }
 
 impl Pace {
     /// A write starts at `now`.
-    fn start(&mut self, now: std::time::Instant) {
+    fn start(&mut self, now: Instant) {
         if self.writing == 0 {
             self.since = Some(now);
         }
@@ -233,7 +240,7 @@ impl Pace {
     /// starts the next; so it does as soon as the window has taken longer
     /// than a whole one may at [`SLOW_PACE`] (it can only end slow then),
     /// so that a slow window costs at most that long.
-    fn end(&mut self, now: std::time::Instant, len: u64) -> Option<u64> {
+    fn end(&mut self, now: Instant, len: u64) -> Option<u64> {
         let since = self.since.unwrap_or(now);
         self.writing = self.writing.saturating_sub(1);
         self.bytes += len;
@@ -242,8 +249,7 @@ impl Pace {
             self.since = None;
         }
         let busy = self.busy + self.since.map_or_else(Default::default, |s| now - s);
-        let longest = std::time::Duration::from_micros(PACE_WINDOW * 1_000_000 / SLOW_PACE);
-        if self.bytes < PACE_WINDOW && busy <= longest {
+        if self.bytes < PACE_WINDOW && busy <= SLOWEST_WINDOW {
             return None;
         }
         // A window written in under a microsecond is fast, not unmeasured.
@@ -422,22 +428,20 @@ impl Sink {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        use std::sync::atomic::Ordering::Relaxed;
         let pace = self.pace.as_ref().filter(|_| !self.evicting.load(Relaxed));
-        fn lock(p: &std::sync::Mutex<Pace>) -> std::sync::MutexGuard<'_, Pace> {
+        fn lock(p: &Mutex<Pace>) -> MutexGuard<'_, Pace> {
             p.lock().unwrap_or_else(|e| e.into_inner())
         }
         for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
             let at = offset + (i * WRITE_PIECE) as u64;
             if let Some(pace) = pace {
-                lock(pace).start(std::time::Instant::now());
+                lock(pace).start(Instant::now());
             }
             let r = self.file.write_all_at(piece, at);
             if let Some(pace) = pace {
-                let window = lock(pace).end(std::time::Instant::now(), piece.len() as u64);
+                let window = lock(pace).end(Instant::now(), piece.len() as u64);
                 if window.is_some_and(|bytes_per_s| bytes_per_s < SLOW_PACE) {
-                    self.evicting
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.evicting.store(true, Relaxed);
                 }
             }
             r.map_err(|source| Error::Write {
@@ -479,7 +483,7 @@ impl Sink {
         let Some(behind) = &self.behind else {
             return Ok(());
         };
-        if !self.evicting.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.evicting.load(Relaxed) {
             return Ok(());
         }
         let (start, evict) = {
@@ -547,7 +551,6 @@ impl Sink {
         if self.known_zero || len == 0 {
             return Ok(());
         }
-        use std::sync::atomic::Ordering::Relaxed;
         if !self.zeroing_unsupported.load(Relaxed) {
             let r = match self.kind {
                 DestKind::Regular => fallocate(
@@ -711,7 +714,6 @@ mod tests {
 
     #[test]
     fn the_pace_counts_time_when_some_write_is_running_once() {
-        use std::time::{Duration, Instant};
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let half = PACE_WINDOW / 2;
@@ -737,9 +739,8 @@ mod tests {
 
     #[test]
     fn a_window_slower_than_the_slow_pace_ends_early() {
-        use std::time::{Duration, Instant};
         let t0 = Instant::now();
-        let longest = Duration::from_micros(PACE_WINDOW * 1_000_000 / SLOW_PACE);
+        let longest = SLOWEST_WINDOW;
         let mut p = Pace::default();
         p.start(t0);
         assert_eq!(p.end(t0 + longest, 1 << 20), None);
