@@ -109,6 +109,67 @@ pub fn size_line(label: &str, n: u64) -> String {
     format!("{label}: {} ({n} bytes)", format_size(n))
 }
 
+/// A `qemu-img info`-like summary from the JSON of one layer.
+pub fn write_human(w: &mut impl Write, v: &Value, alloc: Option<&Value>) -> io::Result<()> {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    writeln!(w, "image: {}", s("filename"))?;
+    writeln!(w, "file format: {}", s("format"))?;
+    writeln!(w, "{}", size_line("virtual size", n("virtual-size")))?;
+    writeln!(w, "disk size: {}", format_size(n("actual-size")))?;
+    if v.get("cluster-size").is_some() {
+        writeln!(w, "cluster_size: {}", n("cluster-size"))?;
+    }
+    if let Some(b) = v["backing-filename"].as_str() {
+        writeln!(
+            w,
+            "backing file: {b} (actual path: {})",
+            s("full-backing-filename")
+        )?;
+    }
+    if let Some(f) = v["backing-filename-format"].as_str() {
+        writeln!(w, "backing file format: {f}")?;
+    }
+    if let Some(snaps) = v["snapshots"].as_array() {
+        writeln!(w, "Snapshot list:")?;
+        writeln!(
+            w,
+            "ID        TAG               VM SIZE                DATE     VM CLOCK"
+        )?;
+        for sn in snaps {
+            writeln!(
+                w,
+                "{:<9} {:<17} {:>7} {:>20} {:>12}",
+                sn["id"].as_str().unwrap_or(""),
+                sn["name"].as_str().unwrap_or(""),
+                format_size(sn["vm-state-size"].as_u64().unwrap_or(0)),
+                sn["date-sec"].as_u64().unwrap_or(0),
+                sn["vm-clock-sec"].as_u64().unwrap_or(0)
+            )?;
+        }
+    }
+    if let Some(fs) = v.get("format-specific") {
+        writeln!(w, "Format specific information:")?;
+        write_tree(w, &fs["data"], 4)?;
+    }
+    if let Some(a) = alloc {
+        let clusters = a["clusters"].as_u64().unwrap_or(0);
+        let allocated = a["allocated-clusters"].as_u64().unwrap_or(0);
+        let pct = if clusters == 0 {
+            0.0
+        } else {
+            allocated as f64 * 100.0 / clusters as f64
+        };
+        writeln!(w, "Allocation:")?;
+        writeln!(
+            w,
+            "    allocated clusters: {allocated} of {clusters} ({}, {pct:.2}%)",
+            format_size(a["allocated-bytes"].as_u64().unwrap_or(0))
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,14 @@
 //! The shared code of sparsekit's binaries (`map`, `copy`, `qcow2-info`):
-//! opening a source named on the command line, and formatting output.
+//! their common arguments and their output formats. Everything a binary
+//! decides lives in the library crates.
 //!
-//! - [`source`]: a path or URI to an open [`source::Source`], with its
-//!   format detected by magic or given by `--format`.
-//! - [`qemu`]: entries of `qemu-img map --output=json`, merged as qemu-img
-//!   merges them, printed in its layout.
+//! - [`args`]: the flags every tool takes, as the library's options.
+//! - [`qemu`]: `qemu-img map --output=json`'s layout.
+//! - [`nbdinfo`]: `nbdinfo --map --json`'s layout, and its table.
 //! - [`human`]: sizes for people (`64 KiB`), sizes from people (`16M`), and
 //!   the `map` table.
+//! - [`info`]: `qemu-img info` and `qemu-img check`'s human output.
+//! - [`progress`]: the copy's progress bar.
 //! - [`exit`]: error reporting shared by the binaries: broken pipes are
 //!   success, everything else prints `tool: error: cause` and fails.
 //!
@@ -16,12 +18,10 @@
 //! assert_eq!(parse_size("1T").unwrap(), 1 << 40);
 //! ```
 
+pub mod args;
 pub mod exit;
 pub mod human;
 pub mod info;
 pub mod nbdinfo;
-pub mod prefetch;
 pub mod progress;
 pub mod qemu;
-pub mod source;
-pub mod sys;

@@ -9,17 +9,14 @@
 //! multiplies the counts (default 1: 2,000 raw, 300 qcow2, 2,000 stream).
 
 use std::fs::File;
-use std::io::Cursor;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use sparsekit_copy::{
-    CopyOptions, DestMode, Method, NoProgress, Qcow2Source, RawSource, Sink, Source, copy,
-    dest_end, stream, verify,
+    Destination, Format, Method, NoProgress, OpenOptions, Opened, Output, Plan, Request, Spec,
 };
-use sparsekit_qcow2::StreamDecoder;
 use sparsekit_testkit::require;
 
 /// Scratch folders: tmpfs (SEEK_DATA, no disk I/O) for most layouts, and
@@ -191,38 +188,45 @@ fn seeds(base: u64, count: u64) -> Vec<u64> {
 }
 
 /// Random options: workers, chunk size, method, zero detection.
-fn options(rng: &mut Rng) -> CopyOptions {
-    CopyOptions {
-        jobs: 1 + rng.below(6) as usize,
-        chunk_size: 1 << (12 + rng.below(11)),
-        sparse: rng.chance(70),
+fn options(rng: &mut Rng) -> Request {
+    Request {
+        jobs: Some(1 + rng.below(6) as usize),
+        chunk_size: Some(1 << (12 + rng.below(11))),
+        no_sparse: !rng.chance(70),
         method: match rng.below(3) {
             0 => Method::Auto,
             1 => Method::ReadWrite,
             _ => Method::CopyFileRange,
         },
-        ..CopyOptions::default()
+        ..Request::default()
     }
 }
 
-/// Copies `source` to a fresh `dst` with `opts`, verifies, and compares
-/// every byte with `model`.
-fn copy_and_check(source: &dyn Source, dst: &Path, opts: &CopyOptions, model: &[u8], what: &str) {
-    let sink = Sink::open(dst, dest_end(source, opts), DestMode::Replace, false, &[])
-        .unwrap_or_else(|e| panic!("{what}: opening the destination: {e}"));
-    let stop = AtomicBool::new(false);
-    let stats = copy(source, &sink, opts, &NoProgress, &stop)
-        .unwrap_or_else(|e| panic!("{what}: copy failed: {}", e.error));
-    drop(sink);
-    assert_eq!(stats.total, model.len() as u64, "{what}");
-    verify(
-        source,
-        &RawSource::open(dst).unwrap(),
-        opts,
-        &NoProgress,
-        &stop,
-    )
-    .unwrap_or_else(|e| panic!("{what}: verify failed: {}", e.error));
+/// Plans and runs a copy of `source` into `dst` as `req` asks.
+fn execute(source: Opened, dst: &Path, req: &Request, what: &str) -> sparsekit_copy::Report {
+    let dest = Destination::inspect(&Spec::Path(dst.into()))
+        .unwrap_or_else(|e| panic!("{what}: inspecting the destination: {e}"));
+    let plan = Plan::new(source, dest, req).unwrap_or_else(|e| panic!("{what}: planning: {e}"));
+    plan.execute(&NoProgress, &AtomicBool::new(false))
+        .unwrap_or_else(|e| panic!("{what}: copy failed: {e}: {}", e.error))
+}
+
+/// Copies `src` (as `format`) to `dst`, verifying it as `copy --verify`
+/// does, then compares every byte with `model`.
+fn copy_and_check(src: &Path, format: Format, dst: &Path, req: &Request, model: &[u8], what: &str) {
+    let open = OpenOptions {
+        format: Some(format),
+        ..OpenOptions::default()
+    };
+    let source =
+        Opened::open(&Spec::Path(src.into()), &open).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let req = Request {
+        verify: true,
+        ..req.clone()
+    };
+    let report = execute(source, dst, &req, what);
+    assert_eq!(report.stats.total, model.len() as u64, "{what}");
+    assert!(report.verified, "{what}");
     let got = std::fs::read(dst).unwrap();
     assert_eq!(got.len(), model.len(), "{what}: destination size");
     if got != model {
@@ -243,8 +247,7 @@ fn raw_to_raw_layouts() {
         let model = make_raw(&src, &l);
         let opts = options(&mut rng);
         let what = format!("seed {seed}: {l:?} with {opts:?}");
-        let source = RawSource::open(&src).unwrap();
-        copy_and_check(&source, &dst, &opts, &model, &what);
+        copy_and_check(&src, Format::Raw, &dst, &opts, &model, &what);
     }
     eprintln!("raw→raw: {} layouts copied and verified", seeds.len());
 }
@@ -332,8 +335,7 @@ fn qcow2_to_raw_layouts() {
                 "{what}: model differs from qemu-img"
             );
         }
-        let source = Qcow2Source::open(&img).unwrap_or_else(|e| panic!("{what}: {e}"));
-        copy_and_check(&source, &dst, &opts, &model, &what);
+        copy_and_check(&img, Format::Qcow2, &dst, &opts, &model, &what);
     }
     eprintln!("qcow2→raw: {} images copied and verified", seeds.len());
 }
@@ -343,42 +345,33 @@ fn qcow2_to_raw_layouts() {
 fn stream_round_trip_layouts() {
     let dirs = Dirs::new();
     let seeds = seeds(200_000, 2000);
-    let stop = AtomicBool::new(false);
     for &seed in &seeds {
         let dir = dirs.for_seed(seed);
         let (src, dst) = (dir.join("src.raw"), dir.join("dst.raw"));
+        let stream = dir.join("stream.qcow2");
         let mut rng = Rng(seed);
         let l = layout(&mut rng);
         let model = make_raw(&src, &l);
         let cluster_bits = 9 + rng.below(13) as u32;
-        let opts = CopyOptions {
-            chunk_size: 1 << (12 + rng.below(9)),
-            jobs: 1 + rng.below(4) as usize,
-            sparse: rng.chance(70),
-            ..CopyOptions::default()
+        let opts = Request {
+            chunk_size: Some(1 << (12 + rng.below(9))),
+            jobs: Some(1 + rng.below(4) as usize),
+            no_sparse: !rng.chance(70),
+            ..Request::default()
         };
         let what = format!("seed {seed}: {l:?}, cluster_bits {cluster_bits}, {opts:?}");
-        let source = RawSource::open(&src).unwrap();
-        let mut bytes = Vec::new();
-        stream::export(
-            &source,
-            &mut bytes,
-            "src.raw",
-            cluster_bits,
-            &opts,
-            &NoProgress,
-            &stop,
-        )
-        .unwrap_or_else(|e| panic!("{what}: export: {}", e.error));
-        let decoder = StreamDecoder::new(Cursor::new(bytes))
+        let source = Opened::open(&Spec::Path(src.clone()), &OpenOptions::default()).unwrap();
+        let export = Request {
+            output: Output::Qcow2 { cluster_bits },
+            ..opts.clone()
+        };
+        execute(source, &stream, &export, &what);
+        let reader = Box::new(File::open(&stream).unwrap());
+        let source = Opened::stream(reader, "stream")
             .unwrap_or_else(|e| panic!("{what}: stream header: {e}"));
-        // The stream pads an unaligned size to 512 bytes.
-        let size = decoder.virtual_size();
+        let size = source.size();
         assert_eq!(size, l.size.next_multiple_of(512), "{what}");
-        let sink = Sink::open(&dst, size, DestMode::Replace, false, &[]).unwrap();
-        stream::import(decoder, "stream", &sink, &opts, &NoProgress, &stop)
-            .unwrap_or_else(|e| panic!("{what}: import: {}", e.error));
-        drop(sink);
+        execute(source, &dst, &opts, &what);
         let got = std::fs::read(&dst).unwrap();
         assert_eq!(got.len() as u64, size, "{what}");
         assert!(got[..model.len()] == model[..], "{what}: bytes differ");

@@ -12,51 +12,29 @@ use std::sync::mpsc;
 use sparsekit_extent::{ExtentIterExt, Kind};
 use sparsekit_qcow2::{GuestOffset, StreamDecoder, StreamLayout, StreamWriter};
 
-use crate::{CopyOptions, CopyStats, Error, Failed, Progress, Sink, Source};
-
-/// Errors of stream import and export.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// The stream could not be decoded.
-    #[error("qcow2 stream on {name}")]
-    Decode {
-        /// Where the stream came from (`standard input`).
-        name: String,
-        /// Why.
-        #[source]
-        source: sparsekit_qcow2::StreamError,
-    },
-    /// The stream could not be written.
-    #[error("writing a qcow2 stream to {name}")]
-    Encode {
-        /// Where it went (`standard output`).
-        name: String,
-        /// Why.
-        #[source]
-        source: sparsekit_qcow2::WriteError,
-    },
-}
+use crate::dest::DestKind;
+use crate::error::{Error, Failed, StreamError};
+use crate::plan::{CopyStats, ExportStats, Settings};
+use crate::progress::Progress;
+use crate::sink::{Sink, WriteCounts};
+use crate::source::Source;
 
 fn failed(done_before: u64, bytes_written: u64, error: Error) -> Failed {
-    Failed {
-        done_before,
-        bytes_written,
-        error,
-    }
+    Failed::new(done_before, bytes_written, error)
 }
 
 /// Decodes the stream read by `decoder` (its header already read) into
 /// `sink`, which must hold the virtual size. Data chunks go to
-/// `opts.jobs` writer threads as they arrive, so writing overlaps reading;
+/// `settings.jobs` writer threads as they arrive, so writing overlaps reading;
 /// memory is bounded by a few chunks per worker (chunks are at most 1 MiB
 /// or one cluster). Zero and unallocated clusters are not in the stream:
 /// on a regular file they stay holes; all-zero 4 KiB blocks of data are
-/// left as holes too with `opts.sparse`.
-pub fn import<R: Read>(
+/// left as holes too with `settings.sparse`.
+pub(crate) fn import<R: Read>(
     decoder: StreamDecoder<R>,
     name: &str,
     sink: &Sink,
-    opts: &CopyOptions,
+    settings: &Settings,
     progress: &dyn Progress,
     stop: &AtomicBool,
 ) -> Result<CopyStats, Failed> {
@@ -71,8 +49,7 @@ pub fn import<R: Read>(
         .read_tables()
         .map_err(|e| failed(0, 0, decode_err(e)))?;
     progress.start(chunks.data_bytes());
-    let written = AtomicU64::new(0);
-    let zero_detected = AtomicU64::new(0);
+    let counts = WriteCounts::default();
     let read = AtomicU64::new(0);
     let first_error: Mutex<Option<(u64, Error)>> = Mutex::new(None);
     let abort = AtomicBool::new(false);
@@ -83,11 +60,12 @@ pub fn import<R: Read>(
         }
         abort.store(true, Relaxed);
     };
-    let sparse = opts.sparse && (sink.kind() == crate::DestKind::Regular || sink.known_zero());
-    let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(opts.jobs.max(1) * 2);
+    let sparse = settings.sparse && (sink.kind() == DestKind::Regular || sink.known_zero());
+    let jobs = settings.jobs.max(1);
+    let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(jobs * 2);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
-        for _ in 0..opts.jobs.max(1) {
+        for _ in 0..jobs {
             s.spawn(|| {
                 loop {
                     let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -95,7 +73,7 @@ pub fn import<R: Read>(
                     if abort.load(Relaxed) {
                         continue;
                     }
-                    let r = crate::write_data(sink, &data, guest, sparse, &written, &zero_detected);
+                    let r = sink.write_data(&data, guest, sparse, &counts);
                     match r {
                         Ok(()) => progress.advance(data.len() as u64),
                         Err(e) => record(guest, e),
@@ -130,41 +108,32 @@ pub fn import<R: Read>(
     if let Some((at, error)) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         // Chunks arrive in host order, which a forward stream keeps close
         // to guest order; what is certain is the bytes written.
-        return Err(failed(at.min(size), written.load(Relaxed), error));
+        return Err(failed(at.min(size), counts.written.load(Relaxed), error));
     }
-    if opts.flush || sink.kind() == crate::DestKind::BlockDevice {
+    if settings.flush || sink.kind() == DestKind::BlockDevice {
         sink.sync()
-            .map_err(|e| failed(size, written.load(Relaxed), e))?;
+            .map_err(|e| failed(size, counts.written.load(Relaxed), e))?;
     }
     Ok(CopyStats {
         total: size,
         data_read: read.load(Relaxed),
-        data_written: written.load(Relaxed),
-        zero_detected: zero_detected.load(Relaxed),
+        data_written: counts.written.load(Relaxed),
+        zero_detected: counts.zero_detected.load(Relaxed),
         unallocated: size - read.load(Relaxed).min(size),
     })
-}
-
-/// What [`export`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExportStats {
-    /// Bytes of the stream.
-    pub stream_bytes: u64,
-    /// Data clusters in it.
-    pub data_clusters: u64,
 }
 
 /// Writes `source` to `out` as a qcow2 v3 stream in the forward layout:
 /// header, refcount table and blocks, L1, L2 tables, then the data
 /// clusters in guest order; ranges the source maps as zero or hole are
 /// left unallocated. A reader thread fetches runs of clusters (up to
-/// `opts.chunk_size`) ahead while this thread writes.
-pub fn export<W: Write>(
+/// `settings.chunk_size`) ahead while this thread writes.
+pub(crate) fn export<W: Write>(
     source: &dyn Source,
     out: W,
     name: &str,
     cluster_bits: u32,
-    opts: &CopyOptions,
+    settings: &Settings,
     progress: &dyn Progress,
     stop: &AtomicBool,
 ) -> Result<ExportStats, Failed> {
@@ -212,7 +181,7 @@ pub fn export<W: Write>(
 
     // Runs of contiguous clusters, read ahead by one thread.
     let cs = layout.cluster_size();
-    let max_run = (opts.chunk_size as u64 / cs).max(1);
+    let max_run = (settings.chunk_size as u64 / cs).max(1);
     let mut runs: Vec<(u64, u64)> = Vec::new(); // (first guest offset, clusters)
     for g in layout.clusters() {
         match runs.last_mut() {

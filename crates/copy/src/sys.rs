@@ -1,4 +1,5 @@
-//! Page-aligned buffers, and the crate's one `unsafe` block: BLKZEROOUT.
+//! The crate's system calls: page-aligned buffers, BLKZEROOUT,
+//! sync_file_range, reads from the page cache only, signal handlers.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -80,4 +81,29 @@ pub(crate) fn pread_cached(
     // bytes and borrowed mutably for the call; `fd` is open for the call.
     let r = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) };
     Errno::result(r).map(|n| n as usize)
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn raise_stop(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Installs handlers so that SIGINT and SIGTERM raise the returned flag
+/// instead of killing the process.
+pub(crate) fn stop_on_signals() -> std::io::Result<&'static std::sync::atomic::AtomicBool> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(raise_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; no other code of this program installs a
+        // handler for these signals.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(&STOP)
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::AtomicBool;
 
 use proptest::prelude::*;
 use sparsekit_copy::{
-    CopyOptions, DestMode, Error, Method, NoProgress, RawSource, Sink, Source, copy, dest_end,
-    verify,
+    CopyStats, Destination, Error, Failed, Method, NoProgress, Opened, Plan, PlanError, RawSource,
+    Request, Settings, Source, Spec, verify,
 };
 
 fn create(path: &Path, size: u64) -> File {
@@ -26,15 +26,34 @@ fn create(path: &Path, size: u64) -> File {
     f
 }
 
-fn run(
-    src: &Path,
-    dst: &Path,
-    opts: &CopyOptions,
-    mode: DestMode,
-) -> Result<sparsekit_copy::CopyStats, sparsekit_copy::Failed> {
-    let source = RawSource::open(src).unwrap();
-    let sink = Sink::open(dst, dest_end(&source, opts), mode, false, &[]).unwrap();
-    copy(&source, &sink, opts, &NoProgress, &AtomicBool::new(false))
+fn plan(src: &Path, dst: &Path, req: &Request) -> Result<Plan, PlanError> {
+    let source = Opened::open(&Spec::Path(src.into()), &Default::default()).unwrap();
+    let dest = Destination::inspect(&Spec::Path(dst.into())).unwrap();
+    Plan::new(source, dest, req)
+}
+
+fn run_with(src: &Path, dst: &Path, req: &Request, stop: bool) -> Result<CopyStats, Failed> {
+    let plan = plan(src, dst, req).unwrap();
+    plan.execute(&NoProgress, &AtomicBool::new(stop))
+        .map(|r| r.stats)
+}
+
+fn run(src: &Path, dst: &Path, req: &Request) -> Result<CopyStats, Failed> {
+    run_with(src, dst, req, false)
+}
+
+/// What verification compares for a whole-file copy with `jobs` workers.
+fn whole(size: u64, jobs: usize) -> Settings {
+    Settings {
+        jobs,
+        chunk_size: 1 << 16,
+        sparse: true,
+        method: Method::Auto,
+        range: 0..size,
+        dest_offset: 0,
+        flush: false,
+        bitmap: None,
+    }
 }
 
 fn blocks(p: &Path) -> u64 {
@@ -103,8 +122,8 @@ proptest! {
         let chunk = 1usize << chunk_pow;
         for (method, sparse) in [(Method::ReadWrite, true), (Method::ReadWrite, false), (Method::CopyFileRange, false), (Method::Auto, true)] {
             let dst = dir.path().join("dst.raw");
-            let opts = CopyOptions { jobs, chunk_size: chunk, sparse, method, ..CopyOptions::default() };
-            let stats = run(&src, &dst, &opts, DestMode::Replace).unwrap();
+            let req = Request { jobs: Some(jobs), chunk_size: Some(chunk as u64), no_sparse: !sparse, method, verify: true, ..Request::default() };
+            let stats = run(&src, &dst, &req).unwrap();
             prop_assert_eq!(stats.total, l.size);
             let got = std::fs::read(&dst).unwrap();
             prop_assert!(got == want, "{:?} sparse={} jobs={} chunk={}: bytes differ", method, sparse, jobs, chunk);
@@ -115,7 +134,7 @@ proptest! {
                 prop_assert!(blocks(&dst) <= nonzero_blocks * 8 + 8, "{} blocks for {} non-zero 4k blocks", blocks(&dst), nonzero_blocks);
             }
             let source = RawSource::open(&src).unwrap();
-            verify(&source, &RawSource::open(&dst).unwrap(), &opts, &NoProgress, &AtomicBool::new(false)).unwrap();
+            verify(&source, &RawSource::open(&dst).unwrap(), &whole(l.size, jobs), &NoProgress, &AtomicBool::new(false)).unwrap();
         }
     }
 
@@ -129,8 +148,8 @@ proptest! {
         let dst = dir.path().join("dst.raw");
         let old_len = offset + (l.size - skip) + 12345;
         std::fs::write(&dst, vec![0xffu8; old_len as usize]).unwrap();
-        let opts = CopyOptions { jobs, skip, dest_offset: offset, chunk_size: 1 << 16, ..CopyOptions::default() };
-        run(&src, &dst, &opts, DestMode::Update).unwrap();
+        let req = Request { jobs: Some(jobs), skip, offset: Some(offset), chunk_size: Some(1 << 16), ..Request::default() };
+        run(&src, &dst, &req).unwrap();
         let s = std::fs::read(&src).unwrap();
         let d = std::fs::read(&dst).unwrap();
         prop_assert_eq!(d.len() as u64, old_len);
@@ -150,13 +169,12 @@ fn verify_finds_a_changed_byte() {
     };
     let src = make(dir.path(), &l);
     let dst = dir.path().join("dst.raw");
-    let opts = CopyOptions::default();
-    run(&src, &dst, &opts, DestMode::Replace).unwrap();
+    run(&src, &dst, &Request::default()).unwrap();
     let check = || {
         verify(
             &RawSource::open(&src).unwrap(),
             &RawSource::open(&dst).unwrap(),
-            &opts,
+            &whole(l.size, 4),
             &NoProgress,
             &AtomicBool::new(false),
         )
@@ -209,23 +227,18 @@ fn stop_flag_stops_before_any_work_and_says_where() {
         falloc: vec![],
     };
     let src = make(dir.path(), &l);
-    let source = RawSource::open(&src).unwrap();
     let dst = dir.path().join("dst.raw");
-    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[]).unwrap();
-    let e = copy(
-        &source,
-        &sink,
-        &CopyOptions::default(),
-        &NoProgress,
-        &AtomicBool::new(true),
-    )
-    .unwrap_err();
+    let e = run_with(&src, &dst, &Request::default(), true).unwrap_err();
     assert!(matches!(e.error, Error::Interrupted));
     assert_eq!(e.done_before, 0);
     assert_eq!(
         e.to_string(),
-        "stopped with everything before source offset 0x0 done (0 bytes written)"
+        format!(
+            "stopped with everything before source offset 0x0 done (0 bytes written); {} was created by this copy and has been removed (--keep-partial keeps it)",
+            dst.display()
+        )
     );
+    assert!(!dst.exists());
 }
 
 #[test]
@@ -237,22 +250,19 @@ fn source_truncated_during_copy_is_an_error() {
         falloc: vec![],
     };
     let src = make(dir.path(), &l);
-    let source = RawSource::open(&src).unwrap();
-    // The map says 4 MiB of data; then the file shrinks.
-    File::options()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
     let dst = dir.path().join("dst.raw");
-    let sink = Sink::open(&dst, source.size(), DestMode::Replace, false, &[]).unwrap();
-    let opts = CopyOptions {
-        jobs: 1,
-        chunk_size: 1 << 20,
-        ..CopyOptions::default()
+    let req = Request {
+        jobs: Some(1),
+        chunk_size: Some(1 << 20),
+        ..Request::default()
     };
-    let e = copy(&source, &sink, &opts, &NoProgress, &AtomicBool::new(false)).unwrap_err();
+    let set_len = |n| File::options().write(true).open(&src).unwrap().set_len(n).unwrap();
+    let plan = plan(&src, &dst, &req).unwrap();
+    // The plan says 4 MiB; then the file shrinks.
+    set_len(1 << 20);
+    let e = plan
+        .execute(&NoProgress, &AtomicBool::new(false))
+        .unwrap_err();
     assert!(
         e.error
             .to_string()
@@ -261,6 +271,9 @@ fn source_truncated_during_copy_is_an_error() {
         e.error
     );
     // Once mapped, a read past the new end says what happened.
+    set_len(4 << 20);
+    let source = RawSource::open(&src).unwrap();
+    set_len(1 << 20);
     let mut buf = vec![0; 4096];
     let e = source.read_at(&mut buf, 2 << 20).unwrap_err();
     let chain = format!("{e}: {}", std::error::Error::source(&*e).unwrap());
@@ -276,8 +289,9 @@ fn same_file_is_refused_before_truncating() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("a.raw");
     std::fs::write(&src, b"precious").unwrap();
-    let m = std::fs::metadata(&src).unwrap();
-    let e = Sink::open(&src, 8, DestMode::Replace, false, &[(m.dev(), m.ino())]).unwrap_err();
-    assert!(matches!(e, Error::SameFile { .. }));
+    let mtime = std::fs::metadata(&src).unwrap().mtime_nsec();
+    let e = plan(&src, &src, &Request::default()).unwrap_err();
+    assert!(matches!(e, PlanError::SameFile { .. }), "{e:?}");
     assert_eq!(std::fs::read(&src).unwrap(), b"precious");
+    assert_eq!(std::fs::metadata(&src).unwrap().mtime_nsec(), mtime);
 }

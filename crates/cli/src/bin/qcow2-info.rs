@@ -10,11 +10,11 @@ use anyhow::{Context, bail};
 use flate2::Compression;
 use flate2::write::ZlibEncoder;
 use serde_json::Value;
+use sparsekit_cli::args::{FormatArg, ImageArgs};
 use sparsekit_cli::exit::{finish, parse_args};
-use sparsekit_cli::human::format_size;
-use sparsekit_cli::info::{allocation, size_line, write_check, write_tree};
-use sparsekit_cli::source::ImageOptions;
-use sparsekit_qcow2::{ChainInfo, Image, Qcow2};
+use sparsekit_cli::info::{allocation, write_check, write_human};
+use sparsekit_copy::{Opened, Spec};
+use sparsekit_qcow2::{ChainInfo, Layer, Qcow2};
 
 /// Show what a qcow2 image is, how much of it is allocated, and whether it
 /// is consistent.
@@ -25,7 +25,7 @@ struct Args {
     /// The qcow2 image.
     image: PathBuf,
     #[command(flatten)]
-    open: ImageOptions,
+    open: ImageArgs,
     /// JSON value-equal to `qemu-img info --output=json` (with --check: to
     /// `qemu-img check --output=json`), plus an `allocation` object.
     #[arg(long)]
@@ -62,27 +62,25 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = BufWriter::new(io::stdout().lock());
-    let open_top = |p: &Path| {
-        if args.open.untrusted {
-            Qcow2::open_untrusted(p)
-        } else {
-            Qcow2::open(p)
-        }
+    let mut open = args.open.open_options(Some(FormatArg::Qcow2));
+    // As qemu-img info: backing files only for --backing-chain.
+    open.no_backing = args.open.no_backing || !args.backing_chain;
+    let src = Opened::open(&Spec::Path(args.image.clone()), &open)?;
+    let Opened::Qcow2(img) = &src else {
+        bail!("{}: not opened as a qcow2 image", args.image.display());
     };
+    let (img, top) = (img.image(), img.image().top());
     if args.bitmap {
-        let q = open_top(&args.image)?;
-        write_bitmap(&q, args.zlib, args.output.as_deref(), &mut out)?;
+        write_bitmap(top, args.zlib, args.output.as_deref(), &mut out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.allocated {
-        let q = open_top(&args.image)?;
-        writeln!(out, "{}", q.allocated_bytes()?)?;
+        writeln!(out, "{}", top.allocated_bytes()?)?;
         out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.check {
-        let q = open_top(&args.image)?;
-        let r = q.check()?;
+        let r = top.check()?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &r)?;
             writeln!(out)?;
@@ -92,49 +90,36 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         out.flush()?;
         return Ok(ExitCode::from(r.exit_code() as u8));
     }
-    let entries: Vec<(Value, Option<Value>)> = if args.backing_chain {
-        let img = Image::open_with(&args.image, &args.open.chain())?;
+    let infos = if args.backing_chain {
         img.info_chain()?
-            .into_iter()
-            .zip(img.layers())
-            .map(|(info, layer)| {
-                let alloc = match layer {
-                    sparsekit_qcow2::Layer::Qcow2(q) => Some(allocation_of(q)?),
-                    sparsekit_qcow2::Layer::Raw(_) => None,
-                };
-                let v = match info {
-                    ChainInfo::Qcow2(i) => serde_json::to_value(i)?,
-                    ChainInfo::Raw(r) => serde_json::to_value(r)?,
-                };
-                Ok((v, alloc))
-            })
-            .collect::<anyhow::Result<_>>()?
     } else {
-        let q = open_top(&args.image)?;
-        vec![(serde_json::to_value(q.info()?)?, Some(allocation_of(&q)?))]
+        vec![ChainInfo::Qcow2(Box::new(top.info()?))]
     };
-    if args.json {
-        let mut values: Vec<Value> = entries
-            .into_iter()
-            .map(|(mut v, alloc)| {
-                if let (Some(a), Some(m)) = (alloc, v.as_object_mut()) {
-                    m.insert("allocation".into(), a);
-                }
-                v
-            })
-            .collect();
-        if args.backing_chain {
-            serde_json::to_writer_pretty(&mut out, &values)?;
-        } else {
-            serde_json::to_writer_pretty(&mut out, &values.remove(0))?;
+    let mut entries = Vec::new();
+    for (info, layer) in infos.into_iter().zip(img.layers()) {
+        let mut v = match info {
+            ChainInfo::Qcow2(i) => serde_json::to_value(i)?,
+            ChainInfo::Raw(r) => serde_json::to_value(r)?,
+        };
+        if let (Layer::Qcow2(q), Some(m)) = (layer, v.as_object_mut()) {
+            m.insert("allocation".into(), allocation_of(q)?);
         }
+        entries.push(v);
+    }
+    if args.json {
+        let v = if args.backing_chain {
+            Value::from(entries)
+        } else {
+            entries.remove(0)
+        };
+        serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
     } else {
-        for (i, (v, alloc)) in entries.iter().enumerate() {
+        for (i, v) in entries.iter().enumerate() {
             if i > 0 {
                 writeln!(out)?;
             }
-            write_human(&mut out, v, alloc.as_ref())?;
+            write_human(&mut out, v, v.get("allocation"))?;
         }
     }
     out.flush().context("writing to standard output")?;
@@ -156,19 +141,14 @@ fn write_bitmap(
     let mut file;
     let sink: &mut dyn Write = match output {
         Some(p) => {
-            file = BufWriter::new(
-                File::create(p).with_context(|| format!("{}: creating", p.display()))?,
-            );
+            let f = File::create(p).with_context(|| format!("{}: creating", p.display()))?;
+            file = BufWriter::new(f);
             &mut file
         }
-        None => {
-            if io::stdout().is_terminal() {
-                bail!(
-                    "the allocation bitmap is binary: redirect standard output or use --output FILE"
-                );
-            }
-            stdout
+        None if io::stdout().is_terminal() => {
+            bail!("the allocation bitmap is binary: redirect standard output or use --output FILE")
         }
+        None => stdout,
     };
     if zlib {
         let mut z = ZlibEncoder::new(sink, Compression::default());
@@ -179,67 +159,6 @@ fn write_bitmap(
     } else {
         q.write_allocation_bitmap(sink)?;
         sink.flush().context("writing the bitmap")?;
-    }
-    Ok(())
-}
-
-/// A `qemu-img info`-like summary from the JSON of one layer.
-fn write_human(w: &mut impl Write, v: &Value, alloc: Option<&Value>) -> anyhow::Result<()> {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    writeln!(w, "image: {}", s("filename"))?;
-    writeln!(w, "file format: {}", s("format"))?;
-    writeln!(w, "{}", size_line("virtual size", n("virtual-size")))?;
-    writeln!(w, "disk size: {}", format_size(n("actual-size")))?;
-    if v.get("cluster-size").is_some() {
-        writeln!(w, "cluster_size: {}", n("cluster-size"))?;
-    }
-    if let Some(b) = v["backing-filename"].as_str() {
-        writeln!(
-            w,
-            "backing file: {b} (actual path: {})",
-            s("full-backing-filename")
-        )?;
-    }
-    if let Some(f) = v["backing-filename-format"].as_str() {
-        writeln!(w, "backing file format: {f}")?;
-    }
-    if let Some(snaps) = v["snapshots"].as_array() {
-        writeln!(w, "Snapshot list:")?;
-        writeln!(
-            w,
-            "ID        TAG               VM SIZE                DATE     VM CLOCK"
-        )?;
-        for sn in snaps {
-            writeln!(
-                w,
-                "{:<9} {:<17} {:>7} {:>20} {:>12}",
-                sn["id"].as_str().unwrap_or(""),
-                sn["name"].as_str().unwrap_or(""),
-                format_size(sn["vm-state-size"].as_u64().unwrap_or(0)),
-                sn["date-sec"].as_u64().unwrap_or(0),
-                sn["vm-clock-sec"].as_u64().unwrap_or(0)
-            )?;
-        }
-    }
-    if let Some(fs) = v.get("format-specific") {
-        writeln!(w, "Format specific information:")?;
-        write_tree(w, &fs["data"], 4)?;
-    }
-    if let Some(a) = alloc {
-        let clusters = a["clusters"].as_u64().unwrap_or(0);
-        let allocated = a["allocated-clusters"].as_u64().unwrap_or(0);
-        let pct = if clusters == 0 {
-            0.0
-        } else {
-            allocated as f64 * 100.0 / clusters as f64
-        };
-        writeln!(w, "Allocation:")?;
-        writeln!(
-            w,
-            "    allocated clusters: {allocated} of {clusters} ({}, {pct:.2}%)",
-            format_size(a["allocated-bytes"].as_u64().unwrap_or(0))
-        )?;
     }
     Ok(())
 }

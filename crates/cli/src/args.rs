@@ -1,0 +1,54 @@
+//! Arguments the binaries share, and their translation into the library's
+//! options.
+
+use std::time::Duration;
+
+use sparsekit_copy::{Format, OpenOptions};
+
+/// An image format, as `--format` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// The bytes of the file or device are the disk.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
+}
+
+/// How images are opened: the flags every tool takes.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ImageArgs {
+    /// qcow2: read the image alone, without its backing file (what it does
+    /// not allocate reads as zeros).
+    #[arg(long)]
+    pub no_backing: bool,
+    /// qcow2: the image comes from an untrusted place: refuse backing and
+    /// data file names that are absolute or lead out of its folder.
+    #[arg(long)]
+    pub untrusted: bool,
+    /// NBD: give up on a server that does not answer for this many seconds
+    /// (0: wait forever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+impl ImageArgs {
+    /// The library's options for opening a source as `format`.
+    pub fn open_options(&self, format: Option<FormatArg>) -> OpenOptions {
+        OpenOptions {
+            format: format.map(Format::from),
+            no_backing: self.no_backing,
+            untrusted: self.untrusted,
+            timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
+            ..OpenOptions::default()
+        }
+    }
+}

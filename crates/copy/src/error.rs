@@ -1,0 +1,392 @@
+//! What can go wrong, in the order it can: opening an endpoint
+//! ([`OpenError`]), planning a copy ([`PlanError`], nothing written yet),
+//! and executing it ([`Error`], wrapped in [`Failed`] with how far it got).
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use sparsekit_extent::MapError;
+
+use crate::source::SourceError;
+
+/// A source or destination could not be opened or inspected. Nothing was
+/// written.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A local file or device could not be opened or mapped.
+    #[error(transparent)]
+    File(#[from] sparsekit_fiemap::Error),
+    /// A qcow2 image (or a file of its chain) could not be opened.
+    #[error(transparent)]
+    Qcow2(#[from] sparsekit_qcow2::Error),
+    /// An NBD server could not be reached or refused the handshake.
+    #[error(transparent)]
+    Nbd(#[from] sparsekit_nbd::Error),
+    /// A string that starts like an NBD URI but is not a usable one.
+    #[error("{spec}: not a usable NBD URI")]
+    Uri {
+        /// The string given.
+        spec: String,
+        /// Why.
+        #[source]
+        source: sparsekit_nbd::Error,
+    },
+    /// A format was asked for that this kind of endpoint cannot have.
+    #[error("{name}: {why}")]
+    NotApplicable {
+        /// The endpoint.
+        name: String,
+        /// What does not apply, and why.
+        why: &'static str,
+    },
+    /// A qcow2 stream on standard input could not be read.
+    #[error("qcow2 stream on {name}")]
+    Stream {
+        /// Where it came from.
+        name: String,
+        /// Why.
+        #[source]
+        source: sparsekit_qcow2::StreamError,
+    },
+    /// A local file could not be examined or opened.
+    #[error("{}: {what}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The destination is neither a regular file nor a block device.
+    #[error("{}: is a {kind}, not a regular file or block device", path.display())]
+    DestNotWritable {
+        /// The destination.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The destination's folder does not exist or cannot hold a new file.
+    #[error("{}: cannot be created: {}", path.display(), source)]
+    DestFolder {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// A copy that cannot be done as asked: found while planning, before
+/// anything was created, truncated or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// `--skip` lies past the end of the source.
+    #[error("{source_name}: cannot skip {skip} bytes of a {size}-byte source")]
+    SkipPastEnd {
+        /// The source.
+        source_name: String,
+        /// Bytes to skip.
+        skip: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// `--skip` plus `--length` lies past the end of the source.
+    #[error("{source_name}: cannot copy {length} bytes from offset {skip} of a {size}-byte source")]
+    LengthPastEnd {
+        /// The source.
+        source_name: String,
+        /// Bytes skipped.
+        skip: u64,
+        /// Bytes asked for.
+        length: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// `--offset` plus the copy's length does not fit in 64 bits.
+    #[error("--offset {offset} plus {length} bytes lies past the largest possible offset")]
+    OffsetOverflow {
+        /// Where the copy would start in the destination.
+        offset: u64,
+        /// Bytes it would write.
+        length: u64,
+    },
+    /// A chunk size out of bounds.
+    #[error("--chunk-size must be 4k to 1G, not {size}")]
+    ChunkSize {
+        /// The size asked for.
+        size: u64,
+    },
+    /// The destination is the source, or one of the files it reads.
+    #[error("{}: the destination is the source file", path.display())]
+    SameFile {
+        /// The destination.
+        path: PathBuf,
+    },
+    /// A block device destination is smaller than the copy.
+    #[error("{}: the device holds {size} bytes, the copy needs {needed}", path.display())]
+    DestTooSmall {
+        /// The device.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Bytes the copy writes up to (offset + length).
+        needed: u64,
+    },
+    /// An update in place (`-n`, `--bitmap`) of a destination that does
+    /// not exist.
+    #[error("{}: {why}, and it does not exist", path.display())]
+    DestMissing {
+        /// The destination.
+        path: PathBuf,
+        /// Which option needs it.
+        why: &'static str,
+    },
+    /// An incremental copy into a destination shorter than the full copy
+    /// it should be.
+    #[error("{}: is {len} bytes; the copy of {source_name} it should be holds {want}", path.display())]
+    DestShort {
+        /// The destination.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The source.
+        source_name: String,
+        /// The length the copy needs.
+        want: u64,
+    },
+    /// Options that do not go together, or do not apply to these
+    /// endpoints.
+    #[error("{0}")]
+    NotApplicable(&'static str),
+    /// The source cannot give what the plan needs (a dirty bitmap, its
+    /// map); its error has the context.
+    #[error(transparent)]
+    Source(SourceError),
+}
+
+/// Errors of a running copy. Each names the file and offset.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The destination could not be created or sized.
+    #[error("{}: {what}", path.display())]
+    OpenDest {
+        /// The destination.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Flushing the destination to stable storage failed.
+    #[error("{}: flushing to stable storage (fdatasync)", path.display())]
+    Flush {
+        /// The destination.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The source failed (mapping or reading); its error has the context.
+    #[error(transparent)]
+    Source(SourceError),
+    /// The source's map does not cover the range it was asked for.
+    #[error("{source_name}: the map is not whole")]
+    MapNotWhole {
+        /// The source.
+        source_name: String,
+        /// What is wrong with it.
+        #[source]
+        source: MapError,
+    },
+    /// Writing the destination failed.
+    #[error("{}: writing {len} bytes at offset {offset:#x}", path.display())]
+    Write {
+        /// The destination.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u64,
+        /// The cause (ENOSPC, EIO, ...).
+        #[source]
+        source: io::Error,
+    },
+    /// Writing back or dropping written pages of the destination failed.
+    #[error("{}: writing back {len} bytes at offset {offset:#x}", path.display())]
+    WriteBack {
+        /// The destination.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Zeroing a range of the destination failed.
+    #[error("{}: zeroing {len} bytes at offset {offset:#x}", path.display())]
+    Zero {
+        /// The destination.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// copy_file_range failed.
+    #[error("{source_name} -> {}: copy_file_range at source offset {offset:#x}", path.display())]
+    Copy {
+        /// The source.
+        source_name: String,
+        /// The destination.
+        path: PathBuf,
+        /// Source offset where it failed.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A stop was requested (SIGINT, SIGTERM).
+    #[error("interrupted")]
+    Interrupted,
+    /// A qcow2 stream could not be read or written.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// `verify` found a difference.
+    #[error("{}: differs from {source_name} at destination offset {offset:#x}", path.display())]
+    Differs {
+        /// The source.
+        source_name: String,
+        /// The destination.
+        path: PathBuf,
+        /// First differing byte.
+        offset: u64,
+    },
+}
+
+/// Errors of stream import and export.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The stream could not be decoded.
+    #[error("qcow2 stream on {name}")]
+    Decode {
+        /// Where the stream came from (`standard input`).
+        name: String,
+        /// Why.
+        #[source]
+        source: sparsekit_qcow2::StreamError,
+    },
+    /// The stream could not be written.
+    #[error("writing a qcow2 stream to {name}")]
+    Encode {
+        /// Where it went (`standard output`).
+        name: String,
+        /// Why.
+        #[source]
+        source: sparsekit_qcow2::WriteError,
+    },
+}
+
+/// What a failed copy left at its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestState {
+    /// Nothing was written to it (the copy failed before its first write,
+    /// or it is a stream that has said so).
+    Untouched,
+    /// The copy created it, and it was removed.
+    Removed(PathBuf),
+    /// The copy created it; it was kept, incomplete, as `--keep-partial`
+    /// asked.
+    KeptPartial(PathBuf),
+    /// The copy created it and could not remove it.
+    NotRemoved(PathBuf, String),
+    /// It existed, was truncated, and was partly rewritten.
+    Rewritten(String),
+    /// It existed and was partly updated in place.
+    PartlyUpdated(String),
+}
+
+impl fmt::Display for DestState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DestState::Untouched => Ok(()),
+            DestState::Removed(p) => write!(
+                f,
+                "; {} was created by this copy and has been removed (--keep-partial keeps it)",
+                p.display()
+            ),
+            DestState::KeptPartial(p) => {
+                write!(
+                    f,
+                    "; {} is incomplete, kept as --keep-partial asks",
+                    p.display()
+                )
+            }
+            DestState::NotRemoved(p, why) => write!(
+                f,
+                "; {} is incomplete and could not be removed: {why}",
+                p.display()
+            ),
+            DestState::Rewritten(name) => write!(f, "; {name} was truncated and partly rewritten"),
+            DestState::PartlyUpdated(name) => write!(f, "; {name} was partly updated"),
+        }
+    }
+}
+
+/// A copy or verify that did not finish, and how far it got.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped with everything before source offset {done_before:#x} done ({bytes_written} bytes written){dest}"
+)]
+pub struct Failed {
+    /// Every byte of the source before this offset was handled (copied,
+    /// zeroed or checked); after it, some may not have been.
+    pub done_before: u64,
+    /// Bytes of data written to the destination.
+    pub bytes_written: u64,
+    /// What was left at the destination (boxed: a failure is rare, and
+    /// every `Result` of the data path carries room for one).
+    pub dest: Box<DestState>,
+    /// Why it stopped.
+    #[source]
+    pub error: Error,
+}
+
+impl Failed {
+    /// A failure at `done_before`, the destination's state not yet known.
+    pub(crate) fn new(done_before: u64, bytes_written: u64, error: Error) -> Self {
+        Self {
+            done_before,
+            bytes_written,
+            dest: Box::new(DestState::Untouched),
+            error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_says_what_became_of_the_destination() {
+        let mut f = Failed::new(0x1000, 4096, Error::Interrupted);
+        assert_eq!(
+            f.to_string(),
+            "stopped with everything before source offset 0x1000 done (4096 bytes written)"
+        );
+        *f.dest = DestState::Removed("d.raw".into());
+        assert!(f.to_string().ends_with(
+            "d.raw was created by this copy and has been removed (--keep-partial keeps it)"
+        ));
+        *f.dest = DestState::PartlyUpdated("d.raw".into());
+        assert!(f.to_string().ends_with("; d.raw was partly updated"));
+    }
+}

@@ -1,0 +1,647 @@
+//! A copy's plan: every check that can fail before anything is written,
+//! and every choice (workers, chunk sizes, eviction, how DEST is opened,
+//! the ranges), made from the opened source, the inspected destination and
+//! the user's [`Request`]. [`Plan::execute`] is the only way to create,
+//! truncate or write a destination.
+
+use std::io::BufWriter;
+use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::dest::{DestKind, Destination, LocalDest};
+use crate::endpoint::Opened;
+use crate::error::{DestState, Error, Failed, PlanError};
+use crate::evict::{Evict, dirty_thresholds, evict_by_default};
+use crate::progress::Progress;
+use crate::sink::{DestMode, Sink};
+use crate::source::{RawSource, Source};
+
+/// Default bytes per data work item and per worker buffer: small enough
+/// that a worker's buffer stays in its core's cache between the read that
+/// fills it and the write that empties it.
+pub const DEFAULT_CHUNK: usize = 256 << 10;
+/// Bytes per data work item from a raw file or device: read in
+/// [`READ_PIECE`]s while the page cache holds them, whole where it does
+/// not (a disk serves one large request faster than several small ones),
+/// and with O_DIRECT where it holds none of the item.
+pub const RAW_CHUNK: usize = 1 << 20;
+/// Reads of cached data from a raw source go in pieces of this size, so
+/// that each piece is still in the core's cache when it is written.
+pub const READ_PIECE: usize = 256 << 10;
+/// Bytes per data work item from an NBD source: four of the client's
+/// default read requests, in flight together on the worker's connection.
+/// One request per item leaves each connection idle while its worker
+/// writes.
+pub const NBD_CHUNK: usize = 1 << 20;
+/// Most connections opened to an NBD server for reading, as nbdcopy.
+pub const NBD_CONNECTIONS: usize = 4;
+/// Bounds of `--chunk-size`.
+pub const CHUNK_BOUNDS: Range<u64> = 4096..(1 << 30) + 1;
+
+/// Default worker count for a local source: four per core, between 4 and
+/// 16. Workers block in reads, and a cold disk needs several reads in
+/// flight; memory stays bounded, as each worker owns one buffer, touched
+/// only as far as its items fill it.
+pub fn default_jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 4).clamp(4, 16)
+}
+
+/// Connections to open to an NBD source for a copy with `jobs` workers
+/// (`None`: the default): one per worker, at most [`NBD_CONNECTIONS`].
+pub fn nbd_connections(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or(NBD_CONNECTIONS).clamp(1, NBD_CONNECTIONS)
+}
+
+/// How data extents are copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Method {
+    /// pread/pwrite when detecting zeros, copy_file_range between raw files
+    /// otherwise.
+    #[default]
+    Auto,
+    /// pread/pwrite through page-aligned buffers.
+    ReadWrite,
+    /// copy_file_range, falling back to pread/pwrite where the kernel
+    /// cannot (across file systems, block devices, or sources with no raw
+    /// file).
+    CopyFileRange,
+}
+
+/// The format a copy writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Output {
+    /// The disk's bytes.
+    #[default]
+    Raw,
+    /// A forward-only qcow2 stream with clusters of `1 << cluster_bits`
+    /// bytes.
+    Qcow2 {
+        /// log2 of the cluster size.
+        cluster_bits: u32,
+    },
+}
+
+/// What the user asked of a copy, before it is checked against the
+/// source and destination.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    /// Worker threads (`None`: [`default_jobs`], or one per NBD connection).
+    pub jobs: Option<usize>,
+    /// Bytes per data work item (`None`: by source kind).
+    pub chunk_size: Option<u64>,
+    /// Write every byte of data, zero blocks included.
+    pub no_sparse: bool,
+    /// How data is moved.
+    pub method: Method,
+    /// Bytes of the source to skip.
+    pub skip: u64,
+    /// Bytes of the source to copy from `skip` (`None`: to its end).
+    pub length: Option<u64>,
+    /// Where in the destination the copy lands; the destination is then
+    /// updated in place, never truncated.
+    pub offset: Option<u64>,
+    /// Write into an existing destination without creating or truncating
+    /// it (qemu-img's `-n`).
+    pub no_create: bool,
+    /// Incremental copy of the ranges dirty in this bitmap of the source,
+    /// into an existing destination.
+    pub bitmap: Option<String>,
+    /// The destination already reads as zeros.
+    pub dest_is_zero: bool,
+    /// Drop the destination's pages as written (`Some(true)`), never
+    /// (`Some(false)`), or as [`evict_by_default`] decides.
+    pub evict: Option<bool>,
+    /// Flush the destination to stable storage at the end.
+    pub flush: bool,
+    /// Compare the destination with the source afterwards.
+    pub verify: bool,
+    /// Keep a destination the failed copy created.
+    pub keep_partial: bool,
+    /// What to write.
+    pub output: Output,
+}
+
+/// The resolved settings of a copy's data path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Worker threads (at least 1).
+    pub jobs: usize,
+    /// Bytes per data work item and per worker buffer.
+    pub chunk_size: usize,
+    /// Leave holes (or skip writes) for 4 KiB blocks of data that are all
+    /// zeros, as `qemu-img convert -S 4k`.
+    pub sparse: bool,
+    /// How data is moved.
+    pub method: Method,
+    /// The source range copied.
+    pub range: Range<u64>,
+    /// Where in the destination `range.start` lands.
+    pub dest_offset: u64,
+    /// Flush the destination when done.
+    pub flush: bool,
+    /// Only the ranges dirty in this bitmap.
+    pub bitmap: Option<String>,
+}
+
+/// What a copy did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes of the source handled.
+    pub total: u64,
+    /// Bytes of data read from the source (or copied in the kernel).
+    pub data_read: u64,
+    /// Bytes of data written to the destination.
+    pub data_written: u64,
+    /// Bytes of data found to be all zeros and not written.
+    pub zero_detected: u64,
+    /// Bytes the source maps as zero or hole.
+    pub unallocated: u64,
+}
+
+/// What a qcow2 stream export wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Bytes of the stream.
+    pub stream_bytes: u64,
+    /// Data clusters in it.
+    pub data_clusters: u64,
+}
+
+/// What an executed plan did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Report {
+    /// The copy's figures.
+    pub stats: CopyStats,
+    /// For a qcow2 stream export, the stream's.
+    pub export: Option<ExportStats>,
+    /// The destination was compared with the source and found equal.
+    pub verified: bool,
+    /// Time taken, the verification included.
+    pub elapsed: Duration,
+}
+
+/// How the plan moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// From a random-access source into a raw file or device.
+    Copy,
+    /// A qcow2 stream on standard input into a raw file or device.
+    Import,
+    /// A random-access source out as a qcow2 stream.
+    Export {
+        /// log2 of the stream's cluster size.
+        cluster_bits: u32,
+    },
+}
+
+/// A checked copy, ready to run: see the module documentation.
+#[derive(Debug)]
+pub struct Plan {
+    source: Opened,
+    dest: Destination,
+    kind: Kind,
+    settings: Settings,
+    mode: DestMode,
+    evict: Evict,
+    dest_is_zero: bool,
+    verify: bool,
+    keep_partial: bool,
+}
+
+impl Plan {
+    /// Checks `req` against `source` and `dest` and makes every choice of
+    /// the copy. Nothing is created, truncated or written.
+    pub fn new(source: Opened, dest: Destination, req: &Request) -> Result<Self, PlanError> {
+        if let Some(c) = req.chunk_size
+            && !CHUNK_BOUNDS.contains(&c)
+        {
+            return Err(PlanError::ChunkSize { size: c });
+        }
+        let kind = kind(&source, &dest, req)?;
+        let size = source.size();
+        let name = source.name().to_owned();
+        if req.skip > size {
+            return Err(PlanError::SkipPastEnd {
+                source_name: name,
+                skip: req.skip,
+                size,
+            });
+        }
+        let end = match req.length {
+            None => size,
+            Some(length) => match req.skip.checked_add(length) {
+                Some(end) if end <= size => end,
+                _ => {
+                    return Err(PlanError::LengthPastEnd {
+                        source_name: name,
+                        skip: req.skip,
+                        length,
+                        size,
+                    });
+                }
+            },
+        };
+        let range = req.skip..end;
+        let dest_offset = req.offset.unwrap_or(0);
+        let dest_end =
+            dest_offset
+                .checked_add(end - req.skip)
+                .ok_or(PlanError::OffsetOverflow {
+                    offset: dest_offset,
+                    length: end - req.skip,
+                })?;
+        let mode = if req.bitmap.is_some() || req.offset.is_some() || req.no_create {
+            DestMode::Update
+        } else {
+            DestMode::Replace
+        };
+        check_dest(&source, &dest, req, dest_end)?;
+        if let (Some(b), Some(s)) = (&req.bitmap, source.random_access()) {
+            // The bitmap must be there before the copy starts.
+            drop(s.dirty(b, range.clone()).map_err(PlanError::Source)?);
+        }
+        let nbd = matches!(source, Opened::Nbd(_));
+        let jobs = req
+            .jobs
+            .unwrap_or_else(|| if nbd { NBD_CONNECTIONS } else { default_jobs() });
+        let raw = source
+            .random_access()
+            .is_some_and(|s| s.raw_file().is_some());
+        let chunk_size = match req.chunk_size {
+            Some(c) => c as usize,
+            None if nbd => NBD_CHUNK,
+            None if raw && kind == Kind::Copy => RAW_CHUNK,
+            None => DEFAULT_CHUNK,
+        };
+        let evict = match req.evict {
+            Some(true) => Evict::Always,
+            Some(false) => Evict::Never,
+            None => {
+                let thresholds = dirty_thresholds();
+                let ceiling = thresholds.map_or(0, |t| t.free_run());
+                let data = match (&kind, source.random_access()) {
+                    (Kind::Copy, Some(s)) => s.data_bytes(range.clone(), ceiling),
+                    _ => None,
+                };
+                evict_by_default(data, thresholds)
+            }
+        };
+        Ok(Self {
+            source,
+            dest,
+            kind,
+            settings: Settings {
+                jobs: jobs.max(1),
+                chunk_size,
+                sparse: !req.no_sparse,
+                method: req.method,
+                range,
+                dest_offset,
+                flush: req.flush,
+                bitmap: req.bitmap.clone(),
+            },
+            mode,
+            evict,
+            dest_is_zero: req.dest_is_zero,
+            verify: req.verify,
+            keep_partial: req.keep_partial,
+        })
+    }
+
+    /// How the plan moves data.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The data path's settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How the destination will be opened.
+    pub fn mode(&self) -> DestMode {
+        self.mode
+    }
+
+    /// When the destination's pages are dropped.
+    pub fn evict(&self) -> Evict {
+        self.evict
+    }
+
+    /// The source.
+    pub fn source(&self) -> &Opened {
+        &self.source
+    }
+
+    /// The destination.
+    pub fn dest(&self) -> &Destination {
+        &self.dest
+    }
+
+    /// Bytes of the destination the copy writes up to.
+    pub fn dest_end(&self) -> u64 {
+        self.settings.dest_offset + (self.settings.range.end - self.settings.range.start)
+    }
+
+    /// Runs the plan: creates or opens the destination, copies, flushes,
+    /// verifies. On failure the error says how far the copy got, and a
+    /// destination the copy created is removed (unless `keep_partial`).
+    pub fn execute(self, progress: &dyn Progress, stop: &AtomicBool) -> Result<Report, Failed> {
+        let t = Instant::now();
+        let Plan {
+            source,
+            dest,
+            kind,
+            settings,
+            mode,
+            evict,
+            dest_is_zero,
+            verify,
+            keep_partial,
+        } = self;
+        let dest_end = settings.dest_offset + (settings.range.end - settings.range.start);
+        match kind {
+            Kind::Export { cluster_bits } => {
+                let src = source.random_access().expect("planned for random access");
+                let export = export(
+                    src,
+                    dest,
+                    cluster_bits,
+                    &settings,
+                    keep_partial,
+                    progress,
+                    stop,
+                )?;
+                let stats = CopyStats {
+                    total: src.size(),
+                    ..Default::default()
+                };
+                Ok(Report {
+                    stats,
+                    export: Some(export),
+                    verified: false,
+                    elapsed: t.elapsed(),
+                })
+            }
+            Kind::Copy | Kind::Import => {
+                let local = dest.into_local().expect("planned for a local destination");
+                let sink = Sink::open(local, dest_end, mode, dest_is_zero, evict)
+                    .map_err(|e| Failed::new(settings.range.start, 0, e))?;
+                let r = match source {
+                    Opened::Stream(s) => {
+                        crate::stream::import(s.decoder, &s.name, &sink, &settings, progress, stop)
+                    }
+                    ref other => {
+                        let src = other.random_access().expect("random access");
+                        crate::copy::copy(src, &sink, &settings, progress, stop).and_then(|stats| {
+                            if verify {
+                                verify_sink(src, &sink, &settings, progress, stop)?;
+                            }
+                            Ok(stats)
+                        })
+                    }
+                };
+                match r {
+                    Ok(stats) => Ok(Report {
+                        stats,
+                        export: None,
+                        verified: verify,
+                        elapsed: t.elapsed(),
+                    }),
+                    Err(mut f) => {
+                        *f.dest = left_behind(sink.path(), sink.created(), mode, keep_partial);
+                        Err(f)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Which kind of plan `source`, `dest` and `req` make, or why they make
+/// none.
+fn kind(source: &Opened, dest: &Destination, req: &Request) -> Result<Kind, PlanError> {
+    let random = source.random_access().is_some();
+    match req.output {
+        Output::Qcow2 { cluster_bits } => {
+            if !random {
+                return Err(PlanError::NotApplicable(
+                    "a qcow2 stream on standard input is written to a raw file or device",
+                ));
+            }
+            if req.bitmap.is_some()
+                || req.offset.is_some()
+                || req.skip != 0
+                || req.length.is_some()
+                || req.verify
+                || req.no_create
+            {
+                return Err(PlanError::NotApplicable(
+                    "--bitmap, --offset, --skip, --length, -n and --verify do not apply to -O qcow2",
+                ));
+            }
+            Ok(Kind::Export { cluster_bits })
+        }
+        Output::Raw if !random => {
+            if req.bitmap.is_some()
+                || req.offset.is_some()
+                || req.skip != 0
+                || req.length.is_some()
+                || req.no_create
+            {
+                return Err(PlanError::NotApplicable(
+                    "--bitmap, --offset, --skip, --length and -n do not apply to a stream",
+                ));
+            }
+            if dest.is_stdout() {
+                return Err(PlanError::NotApplicable(
+                    "a stream on standard input is written to a raw file or device",
+                ));
+            }
+            Ok(Kind::Import)
+        }
+        Output::Raw => {
+            if dest.is_stdout() {
+                return Err(PlanError::NotApplicable(
+                    "writing raw data to standard output is not supported; use -O qcow2 for a stream",
+                ));
+            }
+            Ok(Kind::Copy)
+        }
+    }
+}
+
+/// The destination's checks: not one of the source's files, there when it
+/// is to be updated, large enough.
+fn check_dest(
+    source: &Opened,
+    dest: &Destination,
+    req: &Request,
+    dest_end: u64,
+) -> Result<(), PlanError> {
+    let Some(path) = dest.path() else {
+        return Ok(());
+    };
+    if let Some(id) = dest.id()
+        && source.file_ids().contains(&id)
+    {
+        return Err(PlanError::SameFile {
+            path: path.to_owned(),
+        });
+    }
+    let missing = |why| PlanError::DestMissing {
+        path: path.to_owned(),
+        why,
+    };
+    let Some(size) = dest.size() else {
+        if req.bitmap.is_some() {
+            return Err(missing("--bitmap updates an existing copy"));
+        }
+        if req.no_create {
+            return Err(missing("-n writes into an existing destination"));
+        }
+        return Ok(());
+    };
+    if dest.kind() == Some(DestKind::BlockDevice) && size < dest_end {
+        return Err(PlanError::DestTooSmall {
+            path: path.to_owned(),
+            size,
+            needed: dest_end,
+        });
+    }
+    if req.bitmap.is_some() && size < dest_end {
+        return Err(PlanError::DestShort {
+            path: path.to_owned(),
+            len: size,
+            source_name: source.name().to_owned(),
+            want: dest_end,
+        });
+    }
+    Ok(())
+}
+
+/// Compares the destination just written with the source.
+fn verify_sink(
+    source: &dyn Source,
+    sink: &Sink,
+    settings: &Settings,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<(), Failed> {
+    let fail = |error| Failed::new(settings.range.start, 0, error);
+    let file = sink.file().try_clone().map_err(|source| {
+        fail(Error::OpenDest {
+            path: sink.path().to_owned(),
+            what: "opening for verification",
+            source,
+        })
+    })?;
+    let mapper = sparsekit_fiemap::Mapper::from_file(file, sink.path()).map_err(|e| {
+        fail(Error::OpenDest {
+            path: sink.path().to_owned(),
+            what: "opening for verification",
+            source: std::io::Error::other(e),
+        })
+    })?;
+    crate::verify::verify(source, &RawSource::new(mapper), settings, progress, stop)
+}
+
+/// What a failed copy leaves at `path`: a file it created is removed
+/// unless `keep_partial`; one that existed was rewritten (`Replace`) or
+/// updated in part.
+fn left_behind(path: &Path, created: bool, mode: DestMode, keep_partial: bool) -> DestState {
+    if !created {
+        return match mode {
+            DestMode::Replace => DestState::Rewritten(path.display().to_string()),
+            DestMode::Update => DestState::PartlyUpdated(path.display().to_string()),
+        };
+    }
+    if keep_partial {
+        return DestState::KeptPartial(path.to_owned());
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => DestState::Removed(path.to_owned()),
+        Err(e) => DestState::NotRemoved(path.to_owned(), e.to_string()),
+    }
+}
+
+/// Writes `source` as a qcow2 stream to `dest`: standard output, or a file
+/// (truncated or created).
+fn export(
+    source: &dyn Source,
+    dest: Destination,
+    cluster_bits: u32,
+    settings: &Settings,
+    keep_partial: bool,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<ExportStats, Failed> {
+    let Some(LocalDest { path, existing }) = dest.into_local() else {
+        let out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        return crate::stream::export(
+            source,
+            out,
+            "standard output",
+            cluster_bits,
+            settings,
+            progress,
+            stop,
+        );
+    };
+    let fail = |what, source| {
+        Failed::new(
+            0,
+            0,
+            Error::OpenDest {
+                path: path.clone(),
+                what,
+                source,
+            },
+        )
+    };
+    let created = existing.is_none();
+    let file = match existing {
+        Some(e) => {
+            e.file.set_len(0).map_err(|s| fail("truncating", s))?;
+            e.file
+        }
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|s| fail("creating", s))?,
+    };
+    let name = path.display().to_string();
+    let out = BufWriter::with_capacity(1 << 20, file);
+    crate::stream::export(source, out, &name, cluster_bits, settings, progress, stop).map_err(
+        |mut f| {
+            *f.dest = left_behind(&path, created, DestMode::Replace, keep_partial);
+            f
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_connections_follow_the_workers_up_to_four() {
+        assert_eq!(nbd_connections(None), 4);
+        assert_eq!(nbd_connections(Some(1)), 1);
+        assert_eq!(nbd_connections(Some(3)), 3);
+        assert_eq!(nbd_connections(Some(16)), 4);
+        assert_eq!(nbd_connections(Some(0)), 1);
+    }
+
+    #[test]
+    fn default_jobs_are_four_per_core_within_bounds() {
+        let j = default_jobs();
+        assert!((4..=16).contains(&j));
+    }
+}
