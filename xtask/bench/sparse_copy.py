@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""sparse_copy SOURCE DEST [--offset BYTES] [--skip BYTES]
+"""sparse_copy SOURCE DEST [--offset BYTES] [--skip BYTES] [--length BYTES]
 
 A port, for `cargo xtask bench`, of the filemap `sparse_copy` of bmap-tools
 (bmaptools/Filemap.py, intel/bmap-tools, later yoctoproject/bmaptool): the
@@ -13,7 +13,10 @@ from the package. Written anew; what it does is what the original did:
   mapped ranges are merged; FIEMAP's unwritten (fallocated) extents count as
   mapped, so they are copied as data.
 - DEST is opened for update ('r+b') when it exists; otherwise it is created
-  ('wb') and truncated to the source's size (plus offset, minus skip).
+  ('wb') and truncated to the source's size (plus offset, minus skip), or to
+  offset plus length when a length is given.
+- Only the source bytes from skip up to skip + length (to the end without a
+  length) are copied, to offset + (their offset - skip) of DEST.
 - Each mapped range is copied with buffered read() and write() calls of at
   most 1 MiB, on one thread. Zeros inside data are written, not skipped.
 - DEST is closed, never fsynced.
@@ -130,22 +133,25 @@ def mapped_ranges(f, bsize, size):
         return merged(seek_ranges(f.fileno(), bsize, size, blocks))
 
 
-def sparse_copy(src_path, dst_path, offset=0, skip=0):
+def sparse_copy(src_path, dst_path, offset=0, skip=0, length=None):
     with open(src_path, "rb") as src:
         size = os.fstat(src.fileno()).st_size
         bsize = block_size(src)
         os.fsync(src.fileno())
         ranges = mapped_ranges(src, bsize, size)
+        stop = size if length is None else skip + length
         try:
             dst = open(dst_path, "r+b")
         except OSError:
             dst = open(dst_path, "wb")
-            dst.truncate(size + offset - skip)
+            dst.truncate(offset + (size - skip if length is None else length))
         with dst:
             for first, last in ranges:
-                start, end = first * bsize, (last + 1) * bsize
+                start, end = first * bsize, min((last + 1) * bsize, stop)
                 if end <= skip:
                     continue
+                if start >= stop:
+                    break
                 start = max(start, skip)
                 src.seek(start)
                 dst.seek(offset + start - skip)
@@ -164,9 +170,10 @@ def main():
     p.add_argument("dest")
     p.add_argument("--offset", type=int, default=0, help="write at this offset of DEST")
     p.add_argument("--skip", type=int, default=0, help="skip this many bytes of SOURCE")
+    p.add_argument("--length", type=int, help="copy only this many bytes of SOURCE")
     a = p.parse_args()
     try:
-        sparse_copy(a.source, a.dest, a.offset, a.skip)
+        sparse_copy(a.source, a.dest, a.offset, a.skip, a.length)
     except OSError as e:
         print(f"sparse_copy: {e}", file=sys.stderr)
         return 1

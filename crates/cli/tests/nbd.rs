@@ -246,6 +246,10 @@ fn incremental_backup_cycle() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(bytes_read(&o.stderr), 72 << 20);
     }
+    // The full copy as it stands before the incremental ones, for the
+    // offline incremental copy below.
+    let full = dir.path().join("full.raw");
+    std::fs::copy(&backup, &full).unwrap();
     // The guest writes: data, zeroes, a discard, all recorded in inc1.
     run("qemu-img", &["bitmap", "--add", "--enable", v, "inc1"]);
     run(
@@ -293,12 +297,22 @@ fn incremental_backup_cycle() {
         "incremental result differs from a full copy"
     );
 
-    // The same incremental copy read offline from the qcow2 bitmap.
+    // The same incremental copy read offline from the qcow2 bitmap, onto
+    // the old full copy (which differs from the fresh one where dirty).
     let backup2 = dir.path().join("backup2.raw");
-    std::fs::copy(&fresh, &backup2).unwrap();
+    std::fs::copy(&full, &backup2).unwrap();
+    assert!(std::fs::read(&backup2).unwrap() != std::fs::read(&fresh).unwrap());
     let o = sparsekit("copy", &["--bitmap", "inc1", v, backup2.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(std::fs::read(&backup2).unwrap() == std::fs::read(&fresh).unwrap());
+    let read = bytes_read(&o.stderr);
+    assert!(
+        read > 0 && read <= dirty,
+        "offline: read {read} bytes, {dirty} dirty"
+    );
+    assert!(
+        std::fs::read(&backup2).unwrap() == std::fs::read(&fresh).unwrap(),
+        "offline incremental result differs from a full copy"
+    );
 
     // --bitmap needs an existing copy of the right size.
     let o = sparsekit(
@@ -368,7 +382,16 @@ fn server_killed_mid_copy() {
     std::thread::sleep(Duration::from_millis(500));
     server.kill();
     let o = child.wait_with_output().unwrap();
-    assert_fails_quickly(&o, t, "nbd");
+    // The copy was under way (not a failure to connect), and stopped
+    // because the server went away; the partial DEST it created is gone.
+    assert_fails_quickly(&o, t, "stopped with everything before source offset");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{uri}: server closed the connection during")),
+        "{err}"
+    );
+    assert!(err.contains("has been removed"), "{err}");
+    assert!(!out.exists());
 }
 
 #[test]

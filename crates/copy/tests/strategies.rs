@@ -256,7 +256,14 @@ fn source_truncated_during_copy_is_an_error() {
         chunk_size: Some(1 << 20),
         ..Request::default()
     };
-    let set_len = |n| File::options().write(true).open(&src).unwrap().set_len(n).unwrap();
+    let set_len = |n| {
+        File::options()
+            .write(true)
+            .open(&src)
+            .unwrap()
+            .set_len(n)
+            .unwrap()
+    };
     let plan = plan(&src, &dst, &req).unwrap();
     // The plan says 4 MiB; then the file shrinks.
     set_len(1 << 20);

@@ -38,6 +38,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("strace", "strace"),
     ("cp", "coreutils"),
+    ("cmp", "diffutils"),
 ];
 
 /// The workspace root.
