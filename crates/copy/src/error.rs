@@ -160,10 +160,17 @@ pub enum PlanError {
     /// endpoints.
     #[error("{0}")]
     NotApplicable(&'static str),
-    /// The source cannot give what the plan needs (a dirty bitmap, its
-    /// map); its error has the context.
-    #[error(transparent)]
-    Source(SourceError),
+    /// The source has no such dirty bitmap, or cannot read it.
+    #[error("{source_name}: bitmap {bitmap:?}")]
+    Bitmap {
+        /// The source.
+        source_name: String,
+        /// The bitmap asked for.
+        bitmap: String,
+        /// Why it cannot be used.
+        #[source]
+        source: SourceError,
+    },
 }
 
 /// Errors of a running copy. Each names the file and offset.

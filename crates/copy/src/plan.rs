@@ -259,11 +259,18 @@ impl Plan {
         } else {
             DestMode::Replace
         };
-        check_dest(&source, &dest, req, dest_end)?;
         if let (Some(b), Some(s)) = (&req.bitmap, source.random_access()) {
             // The bitmap must be there before the copy starts.
-            drop(s.dirty(b, range.clone()).map_err(PlanError::Source)?);
+            let dirty = s
+                .dirty(b, range.clone())
+                .map_err(|source| PlanError::Bitmap {
+                    source_name: s.name().to_owned(),
+                    bitmap: b.clone(),
+                    source,
+                })?;
+            drop(dirty);
         }
+        check_dest(&source, &dest, req, dest_end)?;
         let nbd = matches!(source, Opened::Nbd(_));
         let jobs = req
             .jobs
