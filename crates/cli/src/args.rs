@@ -52,3 +52,43 @@ impl ImageArgs {
         }
     }
 }
+
+/// How data is moved, as `--method` names it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MethodArg {
+    /// pread/pwrite when detecting zeros, copy_file_range otherwise.
+    Auto,
+    /// pread/pwrite through page-aligned buffers.
+    ReadWrite,
+    /// copy_file_range (reflink where the file system can).
+    CopyFileRange,
+}
+
+impl From<MethodArg> for sparsekit_copy::Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Auto => Self::Auto,
+            MethodArg::ReadWrite => Self::ReadWrite,
+            MethodArg::CopyFileRange => Self::CopyFileRange,
+        }
+    }
+}
+
+/// Whether to draw a progress bar.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ProgressArgs {
+    /// Show a progress bar on standard error (default: when it is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ProgressArgs {
+    /// True when a bar is to be drawn on standard error.
+    pub fn show(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.no_progress && (self.progress || std::io::stderr().is_terminal())
+    }
+}

@@ -2,6 +2,10 @@
 
 use std::io::{self, Write};
 
+use sparsekit_copy::Report;
+use sparsekit_copy::map::Description;
+use sparsekit_fiemap::FileKind;
+
 use sparsekit_extent::{Extent, Kind};
 
 /// `n` bytes in binary units with three significant digits, as qemu-img
@@ -171,6 +175,67 @@ impl Totals {
             format_size(self.zero),
             format_size(self.hole),
         )
+    }
+}
+
+/// The line above a map: what the source is; and whether its table has a
+/// host offset column (qcow2).
+pub fn describe(name: &str, d: &Description) -> (String, bool) {
+    let size = |n: u64| format!("{} ({n} bytes)", format_size(n));
+    match *d {
+        Description::Raw {
+            kind,
+            size: n,
+            method,
+        } => {
+            let kind = match kind {
+                FileKind::Regular => "file",
+                FileKind::BlockDevice => "block device",
+            };
+            (
+                format!("{name}: raw {kind}, {}, mapped with {method}", size(n)),
+                false,
+            )
+        }
+        Description::Qcow2 {
+            version,
+            size: n,
+            cluster_size,
+            backing_depth,
+        } => {
+            let chain = match backing_depth {
+                0 => "no backing file".to_string(),
+                n => format!("backing chain of {n}"),
+            };
+            let cs = format_size(cluster_size);
+            let line = format!(
+                "{name}: qcow2 v{version}, {}, cluster size {cs}, {chain}",
+                size(n)
+            );
+            (line, true)
+        }
+        Description::Nbd { size: n } => (format!("{name}: NBD export, {}", size(n)), false),
+        Description::Stream { size: n } => (format!("{name}: qcow2 stream, {}", size(n)), false),
+    }
+}
+
+/// What a copy did, in one line.
+pub fn copy_summary(from: &str, to: &str, report: &Report) -> String {
+    let (s, secs) = (report.stats, report.elapsed.as_secs_f64());
+    match report.export {
+        Some(e) => format!(
+            "{from} -> {to}: qcow2 stream of {} bytes ({} data clusters), in {secs:.2} s",
+            e.stream_bytes, e.data_clusters
+        ),
+        None => format!(
+            "{from} -> {to}: read {} bytes of data ({}), wrote {} bytes, {} bytes of zero blocks left as holes, {} bytes zero or unallocated ({}), in {secs:.2} s",
+            s.data_read,
+            format_size(s.data_read),
+            s.data_written,
+            s.zero_detected,
+            s.unallocated,
+            format_size(s.unallocated),
+        ),
     }
 }
 

@@ -1,10 +1,16 @@
 //! `qcow2-info`'s human output, in the style of `qemu-img info` and
 //! `qemu-img check`.
 
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use flate2::Compression;
+use flate2::write::ZlibEncoder;
 
 use serde_json::Value;
-use sparsekit_qcow2::CheckResult;
+use sparsekit_qcow2::{CheckResult, Qcow2};
 
 use crate::human::format_size;
 
@@ -166,6 +172,39 @@ pub fn write_human(w: &mut impl Write, v: &Value, alloc: Option<&Value>) -> io::
             "    allocated clusters: {allocated} of {clusters} ({}, {pct:.2}%)",
             format_size(a["allocated-bytes"].as_u64().unwrap_or(0))
         )?;
+    }
+    Ok(())
+}
+
+/// Writes the allocation bitmap of `q` (zlib-compressed with `zlib`) to
+/// `output`, or to `stdout` unless that is a terminal.
+pub fn write_bitmap(
+    q: &Qcow2,
+    zlib: bool,
+    output: Option<&Path>,
+    stdout: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut file;
+    let sink: &mut dyn Write = match output {
+        Some(p) => {
+            let f = File::create(p).with_context(|| format!("{}: creating", p.display()))?;
+            file = BufWriter::new(f);
+            &mut file
+        }
+        None if io::stdout().is_terminal() => {
+            bail!("the allocation bitmap is binary: redirect standard output or use --output FILE")
+        }
+        None => stdout,
+    };
+    if zlib {
+        let mut z = ZlibEncoder::new(sink, Compression::default());
+        q.write_allocation_bitmap(&mut z)?;
+        z.finish()
+            .context("writing the compressed bitmap")?
+            .flush()?;
+    } else {
+        q.write_allocation_bitmap(sink)?;
+        sink.flush().context("writing the bitmap")?;
     }
     Ok(())
 }

@@ -1,15 +1,14 @@
 //! `copy SOURCE DEST`: copy a disk image's data, and only its data.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sparsekit_cli::args::{FormatArg, ImageArgs};
+use sparsekit_cli::args::{FormatArg, ImageArgs, MethodArg, ProgressArgs};
 use sparsekit_cli::exit::{finish, parse_args};
-use sparsekit_cli::human::{format_size, parse_size};
+use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
 use sparsekit_copy::plan::nbd_connections;
-use sparsekit_copy::{Destination, Method, Opened, Output, Plan, Request, Spec, stop_on_signals};
+use sparsekit_copy::{Destination, Opened, Output, Plan, Request, Spec, stop_on_signals};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -37,12 +36,8 @@ struct Args {
     /// one per connection, up to 4).
     #[arg(short = 'j', long)]
     jobs: Option<usize>,
-    /// Show a progress bar on standard error (default: when it is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    progress: bool,
-    /// Never show a progress bar.
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// Write at this offset of DEST, keeping the rest of it (`--offset 0`
     /// too: DEST is then updated in place, never truncated).
     #[arg(long, value_parser = parse_size)]
@@ -105,16 +100,6 @@ struct Args {
     chunk_size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum MethodArg {
-    /// pread/pwrite when detecting zeros, copy_file_range otherwise.
-    Auto,
-    /// pread/pwrite through page-aligned buffers.
-    ReadWrite,
-    /// copy_file_range (reflink where the file system can).
-    CopyFileRange,
-}
-
 fn main() -> ExitCode {
     match parse_args::<Args>() {
         Ok(args) => finish("copy", run(args)),
@@ -135,27 +120,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         plan.source().name().to_owned(),
         plan.dest().name().to_owned(),
     );
-    let show = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
-    let bar = Bar::new(show, "copy");
+    let bar = Bar::new(args.progress.show(), "copy");
     let report = plan.execute(&bar, stop);
     bar.finish();
     let report = report.with_context(|| format!("{from} -> {to}"))?;
-    let (s, secs) = (report.stats, report.elapsed.as_secs_f64());
-    match report.export {
-        Some(e) => eprintln!(
-            "copy: {from} -> {to}: qcow2 stream of {} bytes ({} data clusters), in {secs:.2} s",
-            e.stream_bytes, e.data_clusters
-        ),
-        None => eprintln!(
-            "copy: {from} -> {to}: read {} bytes of data ({}), wrote {} bytes, {} bytes of zero blocks left as holes, {} bytes zero or unallocated ({}), in {secs:.2} s",
-            s.data_read,
-            format_size(s.data_read),
-            s.data_written,
-            s.zero_detected,
-            s.unallocated,
-            format_size(s.unallocated),
-        ),
-    }
+    eprintln!("copy: {}", copy_summary(&from, &to, &report));
     if report.verified {
         eprintln!("copy: verified: {to} is identical to {from}");
     }
@@ -168,11 +137,7 @@ fn request(args: &Args) -> Request {
         jobs: args.jobs,
         chunk_size: args.chunk_size,
         no_sparse: args.no_sparse,
-        method: match args.method {
-            MethodArg::Auto => Method::Auto,
-            MethodArg::ReadWrite => Method::ReadWrite,
-            MethodArg::CopyFileRange => Method::CopyFileRange,
-        },
+        method: args.method.into(),
         skip: args.skip,
         length: args.length,
         offset: args.offset,

@@ -7,11 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use sparsekit_cli::args::{FormatArg, ImageArgs};
 use sparsekit_cli::exit::{finish, parse_args};
-use sparsekit_cli::human::{Table, format_size, parse_size};
+use sparsekit_cli::human::{Table, describe, format_size, parse_size};
 use sparsekit_cli::{nbdinfo, qemu};
 use sparsekit_copy::map::{Description, clamp_range};
 use sparsekit_copy::{Opened, SourceError, Spec};
-use sparsekit_fiemap::FileKind;
 
 /// Show where the data of a file, block device or disk image is.
 #[derive(Debug, clap::Parser)]
@@ -92,38 +91,7 @@ fn stopped(src: &Opened, offset: u64, e: qemu::JsonMapError<SourceError>) -> any
 /// extent, and a summary, or the error that stopped the rows.
 fn table(args: &Args, src: &Opened, out: &mut impl Write) -> anyhow::Result<()> {
     let (name, size) = (src.name(), src.size());
-    let sizes = format!("{} ({size} bytes)", format_size(size));
-    let (head, host) = match src.describe() {
-        Description::Raw { kind, method, .. } => {
-            let kind = if kind == FileKind::Regular {
-                "file"
-            } else {
-                "block device"
-            };
-            (
-                format!("{name}: raw {kind}, {sizes}, mapped with {method}"),
-                false,
-            )
-        }
-        Description::Qcow2 {
-            version,
-            cluster_size,
-            backing_depth,
-            ..
-        } => {
-            let chain = match backing_depth {
-                0 => "no backing file".to_string(),
-                n => format!("backing chain of {n}"),
-            };
-            let cs = format_size(cluster_size);
-            (
-                format!("{name}: qcow2 v{version}, {sizes}, cluster size {cs}, {chain}"),
-                true,
-            )
-        }
-        Description::Nbd { .. } => (format!("{name}: NBD export, {sizes}"), false),
-        Description::Stream { .. } => (format!("{name}: qcow2 stream, {sizes}"), false),
-    };
+    let (head, host) = describe(name, &src.describe());
     writeln!(out, "{head}")?;
     let range = clamp_range(args.start, args.length, size);
     let mut table = Table::new(out, host)?;

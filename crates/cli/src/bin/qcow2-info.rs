@@ -1,18 +1,15 @@
 //! `qcow2-info IMAGE`: what a qcow2 image is, how much of it is allocated,
 //! whether it is consistent.
 
-use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use flate2::Compression;
-use flate2::write::ZlibEncoder;
 use serde_json::Value;
 use sparsekit_cli::args::{FormatArg, ImageArgs};
 use sparsekit_cli::exit::{finish, parse_args};
-use sparsekit_cli::info::{allocation, write_check, write_human};
+use sparsekit_cli::info::{allocation, write_bitmap, write_check, write_human};
 use sparsekit_copy::{Opened, Spec};
 use sparsekit_qcow2::{ChainInfo, Layer, Qcow2};
 
@@ -130,35 +127,4 @@ fn allocation_of(q: &Qcow2) -> anyhow::Result<Value> {
     let allocated = q.write_allocation_bitmap(&mut io::sink())?;
     let clusters = q.virtual_size().div_ceil(q.cluster_size());
     Ok(allocation(clusters, allocated, q.cluster_size()))
-}
-
-fn write_bitmap(
-    q: &Qcow2,
-    zlib: bool,
-    output: Option<&Path>,
-    stdout: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let mut file;
-    let sink: &mut dyn Write = match output {
-        Some(p) => {
-            let f = File::create(p).with_context(|| format!("{}: creating", p.display()))?;
-            file = BufWriter::new(f);
-            &mut file
-        }
-        None if io::stdout().is_terminal() => {
-            bail!("the allocation bitmap is binary: redirect standard output or use --output FILE")
-        }
-        None => stdout,
-    };
-    if zlib {
-        let mut z = ZlibEncoder::new(sink, Compression::default());
-        q.write_allocation_bitmap(&mut z)?;
-        z.finish()
-            .context("writing the compressed bitmap")?
-            .flush()?;
-    } else {
-        q.write_allocation_bitmap(sink)?;
-        sink.flush().context("writing the bitmap")?;
-    }
-    Ok(())
 }
