@@ -22,6 +22,9 @@
 //!    (their size comes from `BLKGETSIZE64`) and file systems that support
 //!    neither.
 //!
+//! [`lock`] takes qemu's image locks on a file, so that an image in use by
+//! qemu is neither read while it changes nor written.
+//!
 //! ```
 //! use sparsekit_extent::{Extent, Kind};
 //! use sparsekit_fiemap::Mapper;
@@ -53,6 +56,7 @@ use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 use sparsekit_extent::{Coalesce, Extent, ExtentIterExt, Kind};
 
+pub mod lock;
 mod sys;
 
 /// `FIEMAP_FLAG_SYNC`: sync the file before mapping.
@@ -135,6 +139,29 @@ pub enum Error {
         offset: u64,
         /// What it answered.
         answer: u64,
+    },
+    /// Another user's image locks refuse the [`lock::Profile`] asked for:
+    /// qemu, qemu-nbd or qemu-img has the file open.
+    #[error("{}: in use by another process: {conflict}", path.display())]
+    InUse {
+        /// The file.
+        path: PathBuf,
+        /// Which permission, in qemu's words.
+        conflict: lock::Conflict,
+    },
+    /// A lock call failed for another reason than a conflict (a file
+    /// system without working locks answers ENOLCK).
+    #[error("{}: {call} on lock byte {byte}", path.display())]
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// `F_OFD_SETLK` or `F_OFD_GETLK`.
+        call: &'static str,
+        /// The lock byte.
+        byte: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
     },
 }
 

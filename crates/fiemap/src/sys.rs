@@ -1,4 +1,5 @@
-//! Every `unsafe` block of the crate: the FIEMAP and BLKGETSIZE64 ioctls, and cachestat.
+//! Every syscall of the crate that needs `unsafe` or a kernel struct: the
+//! FIEMAP and BLKGETSIZE64 ioctls, cachestat, and OFD byte-range locks.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -110,4 +111,59 @@ pub(crate) fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<
         )
     };
     Errno::result(r).map(|_| stat.nr_cache)
+}
+
+/// An all-zero `struct flock` for one byte at absolute offset `byte`.
+fn flock_byte(byte: u64, l_type: libc::c_int) -> libc::flock {
+    // SAFETY: `struct flock` is plain integers (and, on some targets,
+    // padding); all-zero bytes are a valid value of it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    fl
+}
+
+/// Takes a shared (read) lock on one byte for the open file description
+/// of `fd`, or releases it (`take == false`), with `F_OFD_SETLK`: never
+/// blocks; a conflicting write lock is EAGAIN.
+pub(crate) fn ofd_lock_byte(fd: BorrowedFd<'_>, byte: u64, take: bool) -> Result<(), Errno> {
+    let fl = flock_byte(byte, if take { libc::F_RDLCK } else { libc::F_UNLCK });
+    loop {
+        match nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
+            Err(Errno::EINTR) => {}
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// Whether an open file description other than `fd`'s holds any lock on
+/// `byte` (`F_OFD_GETLK` asked for an exclusive lock, which every other
+/// lock conflicts with), and whether that lock is exclusive.
+pub(crate) fn ofd_byte_locked_elsewhere(
+    fd: BorrowedFd<'_>,
+    byte: u64,
+) -> Result<Option<bool>, Errno> {
+    let mut fl = flock_byte(byte, libc::F_WRLCK);
+    loop {
+        match nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl)) {
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+            Ok(_) => {
+                return Ok(match libc::c_int::from(fl.l_type) {
+                    libc::F_UNLCK => None,
+                    t => Some(t == libc::F_WRLCK),
+                });
+            }
+        }
+    }
+}
+
+/// An exclusive lock on one byte, such as a program other than qemu might
+/// hold; `fd` must be open for writing.
+#[cfg(test)]
+pub(crate) fn ofd_write_lock_byte(fd: BorrowedFd<'_>, byte: u64) -> Result<(), Errno> {
+    let fl = flock_byte(byte, libc::F_WRLCK);
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).map(drop)
 }
