@@ -12,21 +12,12 @@ use std::time::{Duration, Instant};
 
 use sparsekit_fiemap::Error;
 use sparsekit_fiemap::lock::{self, Locked, Profile};
-
-/// Fails, naming the package, when `tool` is not installed.
-fn require(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-    assert!(
-        found,
-        "{tool} is not installed: install the `{package}` package"
-    );
-}
+use sparsekit_testkit::require;
 
 fn require_qemu() {
-    require("qemu-img", "qemu-utils");
-    require("qemu-io", "qemu-utils");
-    require("qemu-nbd", "qemu-utils");
+    for tool in ["qemu-img", "qemu-io", "qemu-nbd"] {
+        require(tool);
+    }
 }
 
 fn qemu_img(args: &[&str]) {
@@ -570,7 +561,7 @@ fn under_strace(paths: &[&Path], errno: &str, cmd: &mut Command) -> Command {
 #[test]
 fn without_working_locks_as_qemu() {
     require_qemu();
-    require("strace", "strace");
+    require("strace");
     let im = Images::new();
     let img = im.img();
     let said = im.path("said");
