@@ -9,8 +9,8 @@
 //! `fuzz/regressions/<target>/` through the same functions on stable Rust.
 //!
 //! - [`qcow2_header`]: the first cluster; no I/O.
-//! - [`qcow2_image`]: a whole image file: open, map, read, check, info,
-//!   allocation bitmap, snapshots.
+//! - [`qcow2_image`]: a whole image file: the check of damaged images,
+//!   then open, map, read, check, info, allocation bitmap, snapshots.
 //! - [`qcow2_bitmaps`]: a whole image file: the bitmap directory and
 //!   every bitmap's dirty ranges.
 //! - [`qcow2_stream`]: a qcow2 stream through [`StreamDecoder`], read whole
@@ -105,8 +105,10 @@ pub fn qcow2_header(data: &[u8]) {
 
     let rest = &data[(h.header_length as usize).min(data.len())..];
     let nb = h.bitmaps.map_or(1, |b| b.nb_bitmaps);
-    let _ = parse_directory(rest, nb, h.cluster_bits, h.size, data.len() as u64);
-    let _ = Snapshot::parse(rest, 0, 0, h.cluster_bits, data.len() as u64);
+    let _ = parse_directory(rest, nb, h.cluster_bits, h.size);
+    if let Ok(s) = Snapshot::parse(rest, 0, 0) {
+        let _ = s.l1_problem(h.cluster_bits);
+    }
     let g = h.geometry();
     for (i, c) in rest.chunks_exact(16).take(64).enumerate() {
         let a = u64::from_be_bytes(c[..8].try_into().expect("8 bytes"));
@@ -147,21 +149,23 @@ fn write_image(data: &[u8]) -> &'static Path {
     p
 }
 
-fn open_untrusted(data: &[u8]) -> Option<Image> {
-    let opts = OpenOptions {
+fn untrusted() -> OpenOptions {
+    OpenOptions {
         no_backing: true,
         untrusted: true,
         ..OpenOptions::default()
-    };
-    Image::open_with(write_image(data), &opts).ok()
+    }
 }
 
-/// A whole image file: opened untrusted without its backing file, mapped
-/// (the map must cover the disk from 0, in order, without gaps), read
-/// where the map says the disk reads as zeros (it must), checked, and
-/// described.
+/// A whole image file: checked as damaged images are (the lenient open
+/// reads tables past the end of the file as zeros); then opened untrusted
+/// without its backing file, mapped (the map must cover the disk from 0,
+/// in order, without gaps), read where the map says the disk reads as
+/// zeros (it must), checked, and described.
 pub fn qcow2_image(data: &[u8]) {
-    let Some(img) = open_untrusted(data) else {
+    let path = write_image(data);
+    let _ = Qcow2::check_path(path, &untrusted());
+    let Ok(img) = Image::open_with(path, &untrusted()) else {
         return;
     };
     let q = img.top();

@@ -65,6 +65,32 @@ pub(crate) fn pread_within(
     pread_zero_fill(file, buf, offset, what)
 }
 
+/// How the tables a header points to are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Within {
+    /// Only inside the file: a table past its end is an error.
+    File,
+    /// As qemu reads them, with zeros past the end of the file: how
+    /// `qemu-img check` gets to report such a table instead of refusing.
+    ZeroFill,
+}
+
+impl Within {
+    pub(crate) fn pread(
+        self,
+        file: &File,
+        file_size: u64,
+        buf: &mut [u8],
+        offset: u64,
+        what: &'static str,
+    ) -> Result<()> {
+        match self {
+            Within::File => pread_within(file, file_size, buf, offset, what),
+            Within::ZeroFill => pread_zero_fill(file, buf, offset, what),
+        }
+    }
+}
+
 /// A host file guest data is read from.
 #[derive(Debug)]
 pub(crate) struct HostFile {
@@ -150,7 +176,7 @@ impl Qcow2 {
     /// the external data file, if any. The backing file is not opened.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        Self::open_inner(path, false).map_err(|e| e.in_file(path))
+        Self::open_inner(path, false, Within::File).map_err(|e| e.in_file(path))
     }
 
     /// [`Qcow2::open`] for an image from an untrusted place: an external
@@ -158,10 +184,17 @@ impl Qcow2 {
     /// is refused (see [`check_untrusted`]).
     pub fn open_untrusted(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        Self::open_inner(path, true).map_err(|e| e.in_file(path))
+        Self::open_inner(path, true, Within::File).map_err(|e| e.in_file(path))
     }
 
-    fn open_inner(path: &Path, untrusted: bool) -> Result<Self> {
+    /// Opens for [`Qcow2::check`] alone: the active L1 table and the
+    /// refcount table read as qemu reads them, with zeros past the end of
+    /// the file, so that the check reports such tables as damage.
+    pub(crate) fn open_for_check(path: &Path, untrusted: bool) -> Result<Self> {
+        Self::open_inner(path, untrusted, Within::ZeroFill).map_err(|e| e.in_file(path))
+    }
+
+    fn open_inner(path: &Path, untrusted: bool, tables: Within) -> Result<Self> {
         let host = HostFile::open(path)?;
         // The header lives in the first cluster; read the largest possible
         // (2 MiB) or the whole file if shorter, then parse.
@@ -176,13 +209,22 @@ impl Qcow2 {
             }
         }
         let header = Header::parse(&buf)?;
-        header.check_file_size(host.size)?;
-        Self::from_parts(host, header, path, untrusted)
+        if tables == Within::File {
+            header.check_file_size(host.size)?;
+        }
+        Self::from_parts(host, header, path, untrusted, tables)
     }
 
-    fn from_parts(host: HostFile, header: Header, path: &Path, untrusted: bool) -> Result<Self> {
+    fn from_parts(
+        host: HostFile,
+        header: Header,
+        path: &Path,
+        untrusted: bool,
+        tables: Within,
+    ) -> Result<Self> {
+        // Both sizes are capped by Header::parse (32 MiB, 8 MiB).
         let mut l1_bytes = vec![0; header.l1_size as usize * 8];
-        pread_within(
+        tables.pread(
             &host.file,
             host.size,
             &mut l1_bytes,
@@ -194,7 +236,7 @@ impl Qcow2 {
             .map(|c| L1Entry(be64(c, 0)))
             .collect();
         let mut rt = vec![0; header.refcount_table_bytes() as usize];
-        pread_within(
+        tables.pread(
             &host.file,
             host.size,
             &mut rt,

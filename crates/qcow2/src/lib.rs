@@ -14,7 +14,9 @@
 //! - [`Qcow2::dirty_ranges`] reads a persistent dirty bitmap offline
 //!   ([`Bitmap`], [`DirtyRanges`]), as `qemu-nbd -B NAME` would export it.
 //! - [`Qcow2::check`] rebuilds refcounts like `qemu-img check`
-//!   ([`CheckResult`] serializes to its `--output=json`); [`Qcow2::info`]
+//!   ([`CheckResult`] serializes to its `--output=json`), and
+//!   [`Qcow2::check_path`] opens a damaged image for it, reporting tables
+//!   past the end of the file as qemu-img does; [`Qcow2::info`]
 //!   gives `qemu-img info --output=json` ([`ImageInfo`]);
 //!   [`Qcow2::write_allocation_bitmap`] streams one bit per guest cluster.
 //! - [`StreamDecoder`] reads an image from a forward-only stream (a pipe,

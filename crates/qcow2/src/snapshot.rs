@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::header::MAX_L1_BYTES;
-use crate::image::{Qcow2, pread_within};
+use crate::image::{Qcow2, Within};
 use crate::types::{HostOffset, be16, be32, be64};
 
 /// qemu's cap on the extra data of one snapshot table entry.
@@ -80,7 +80,8 @@ pub struct Snapshot {
     pub extra_data_size: u32,
     /// Offset of this entry in the file.
     pub entry_offset: HostOffset,
-    /// Length of this entry in bytes, padding included.
+    /// Length of this entry in bytes; the next one starts at the next
+    /// multiple of 8.
     pub entry_len: u64,
 }
 
@@ -94,13 +95,11 @@ fn bad(index: u32, offset: u64, problem: &'static str) -> Error {
 
 impl Snapshot {
     /// Parses one entry from `b` (its whole bytes, or more). No I/O.
-    pub fn parse(
-        b: &[u8],
-        index: u32,
-        offset: u64,
-        cluster_bits: u32,
-        file_size: u64,
-    ) -> Result<Self> {
+    ///
+    /// Where the snapshot's L1 table lies is not checked here: qemu checks
+    /// it only where it uses the table (`qemu-img check` reports a
+    /// misplaced one as a corruption; see [`Snapshot::l1_problem`]).
+    pub fn parse(b: &[u8], index: u32, offset: u64) -> Result<Self> {
         if b.len() < RawSnapshotHeader::LEN {
             return Err(bad(index, offset, "truncated entry"));
         }
@@ -125,20 +124,6 @@ impl Snapshot {
         let icount = (extra.len() >= 24)
             .then(|| be64(extra, 16))
             .filter(|&v| v != u64::MAX);
-        if !raw.l1_table_offset.is_multiple_of(1 << cluster_bits) {
-            return Err(bad(index, offset, "L1 table offset not cluster aligned"));
-        }
-        let l1_bytes = u64::from(raw.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
-            return Err(bad(index, offset, "L1 table larger than 32 MiB"));
-        }
-        if raw.l1_table_offset.saturating_add(l1_bytes) > file_size {
-            return Err(bad(
-                index,
-                offset,
-                "L1 table lies beyond the end of the file",
-            ));
-        }
         let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
         Ok(Snapshot {
             l1_table_offset: HostOffset(raw.l1_table_offset),
@@ -153,32 +138,60 @@ impl Snapshot {
             icount,
             extra_data_size: raw.extra_data_size,
             entry_offset: HostOffset(offset),
-            entry_len: (end as u64).next_multiple_of(8),
+            entry_len: end as u64,
         })
+    }
+
+    /// What is wrong with where the snapshot's L1 table lies, in the words
+    /// of `qemu-img check` (qemu's `calculate_refcounts`), if anything.
+    pub fn l1_problem(&self, cluster_bits: u32) -> Option<String> {
+        let (id, name) = (&self.id, &self.name);
+        if !self.l1_table_offset.0.is_multiple_of(1 << cluster_bits) {
+            Some(format!(
+                "snapshot {id} ({name}) l1_offset={:#x}: L1 table is not cluster aligned; \
+                 snapshot table entry corrupted",
+                self.l1_table_offset.0
+            ))
+        } else if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            Some(format!(
+                "snapshot {id} ({name}) l1_size={:#x}: L1 table is too large; \
+                 snapshot table entry corrupted",
+                self.l1_size
+            ))
+        } else {
+            None
+        }
     }
 }
 
 impl Qcow2 {
     /// The internal snapshots, read entry by entry from the snapshot table.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        self.read_snapshots(Within::File)
+    }
+
+    /// The snapshot table as `qemu-img check` reads it: bytes past the end
+    /// of the file read as zeros.
+    pub(crate) fn snapshots_for_check(&self) -> Result<Vec<Snapshot>> {
+        self.read_snapshots(Within::ZeroFill)
+    }
+
+    fn read_snapshots(&self, within: Within) -> Result<Vec<Snapshot>> {
         let h = self.header();
         let mut out = Vec::new();
         let mut off = h.snapshots_offset.0;
         // Longest possible entry: fixed part, extra data, two u16 strings.
         let max_entry = RawSnapshotHeader::LEN + MAX_EXTRA_DATA as usize + 2 * 65535 + 8;
         let mut buf = Vec::new();
+        let read = |buf: &mut [u8], at: u64| {
+            within.pread(self.file(), self.file_size(), buf, at, "snapshot table")
+        };
         for i in 0..h.nb_snapshots {
             if off - h.snapshots_offset.0 > MAX_TABLE_BYTES {
                 return Err(bad(i, off, "snapshot table larger than 64 MiB"));
             }
             let mut fixed = [0u8; RawSnapshotHeader::LEN];
-            pread_within(
-                self.file(),
-                self.file_size(),
-                &mut fixed,
-                off,
-                "snapshot table",
-            )?;
+            read(&mut fixed, off)?;
             let raw = RawSnapshotHeader::decode(&fixed);
             let len = (RawSnapshotHeader::LEN
                 + raw.extra_data_size.min(MAX_EXTRA_DATA + 1) as usize
@@ -186,15 +199,9 @@ impl Qcow2 {
                 + raw.name_size as usize)
                 .min(max_entry);
             buf.resize(len, 0);
-            pread_within(
-                self.file(),
-                self.file_size(),
-                &mut buf,
-                off,
-                "snapshot table",
-            )?;
-            let s = Snapshot::parse(&buf, i, off, h.cluster_bits, self.file_size())?;
-            off += s.entry_len;
+            read(&mut buf, off)?;
+            let s = Snapshot::parse(&buf, i, off)?;
+            off = (off + s.entry_len).next_multiple_of(8);
             out.push(s);
         }
         Ok(out)
@@ -204,6 +211,25 @@ impl Qcow2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misplaced_l1_table_is_the_checks_business() {
+        let mut b = [0u8; 40];
+        b[..8].copy_from_slice(&0x6_0200u64.to_be_bytes()); // l1_table_offset
+        let s = Snapshot::parse(&b, 0, 0).unwrap();
+        assert_eq!(
+            s.l1_problem(16).unwrap(),
+            "snapshot  () l1_offset=0x60200: L1 table is not cluster aligned; \
+             snapshot table entry corrupted"
+        );
+        b[..8].copy_from_slice(&0x6_0000u64.to_be_bytes());
+        b[8..12].copy_from_slice(&(4u32 << 20 | 1).to_be_bytes()); // l1_size
+        let s = Snapshot::parse(&b, 0, 0).unwrap();
+        assert_eq!(
+            s.l1_problem(16).unwrap(),
+            "snapshot  () l1_size=0x400001: L1 table is too large; snapshot table entry corrupted"
+        );
+    }
 
     #[test]
     fn parses_an_entry_with_extra_data() {
@@ -223,13 +249,13 @@ mod tests {
             b'1', b's', b'n', // id "1", name "sn"
         ];
         b.resize(72, 0);
-        let s = Snapshot::parse(&b, 0, 0x1000, 16, 1 << 20).unwrap();
+        let s = Snapshot::parse(&b, 0, 0x1000).unwrap();
         assert_eq!(s.id, "1");
         assert_eq!(s.name, "sn");
         assert_eq!(s.disk_size, Some(1 << 20));
         assert_eq!(s.icount, None);
-        assert_eq!(s.entry_len, 72);
-        assert!(Snapshot::parse(&b, 0, 0x1000, 16, 0x60000).is_err());
-        assert!(Snapshot::parse(&b[..60], 0, 0x1000, 16, 1 << 20).is_err());
+        assert_eq!(s.entry_len, 67);
+        assert_eq!(s.l1_problem(16), None);
+        assert!(Snapshot::parse(&b[..60], 0, 0x1000).is_err());
     }
 }

@@ -81,8 +81,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if args.check {
-        let q = open_top(&args.image)?;
-        let r = q.check()?;
+        let r = Qcow2::check_path(&args.image, &args.open.chain())?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &r)?;
             writeln!(out)?;
