@@ -174,6 +174,7 @@ pub fn qcow2_image(data: &[u8]) {
     std::hint::black_box((q.header(), q.file_size(), q.cluster_size()));
     std::hint::black_box((q.l1_table().len(), q.refcount_table().len()));
     std::hint::black_box((img.layers().len(), img.backing_depth(), q.data_file_path()));
+    std::hint::black_box((img.file_ids(), img.files().count()));
 
     let mut at = 0;
     let mut zeros: Vec<Range<u64>> = Vec::new();

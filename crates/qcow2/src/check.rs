@@ -4,15 +4,16 @@
 //! stored in the image.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::bitmap::{BitmapTableEntry, parse_directory};
-use crate::chain::OpenOptions;
 use crate::entry::{L1Entry, L2Entry, RefcountTableEntry};
 use crate::error::{Error, Result};
-use crate::image::{Qcow2, pread_zero_fill, refcount_in_block};
+use crate::image::{HostFile, Qcow2, Within, pread_zero_fill, refcount_in_block};
+use crate::open::{FileRole, OpenOptions};
 use crate::snapshot::Snapshot;
 use crate::types::be64;
 
@@ -636,8 +637,27 @@ impl Qcow2 {
     /// the backing chain is not opened.
     pub fn check_path(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<CheckResult> {
         let path = path.as_ref();
-        let q = Self::open_for_check(path, opts.untrusted)?;
-        q.check().map_err(|e| e.in_file(path))
+        let check = || {
+            let host = opts.open(path, FileRole::Top, None)?;
+            Self::from_host(host, opts, 0, Within::ZeroFill)?.check()
+        };
+        check().map_err(|e| e.in_file(path))
+    }
+
+    /// [`Qcow2::check_path`] of the image the caller has open as `file`
+    /// (`path` names it and locates its data file; `on_open` is not
+    /// called for `file`).
+    pub fn check_file(
+        file: File,
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+    ) -> Result<CheckResult> {
+        let path = path.as_ref();
+        let check = || {
+            let host = HostFile::adopt(file, path)?;
+            Self::from_host(host, opts, 0, Within::ZeroFill)?.check()
+        };
+        check().map_err(|e| e.in_file(path))
     }
 
     /// Checks the image like `qemu-img check` (without repairing): every

@@ -28,6 +28,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The caller's [`crate::OnOpen`] hook refused a file.
+    #[error("{role} {}", path.display())]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// What it is to the image.
+        role: crate::FileRole,
+        /// The caller's error.
+        #[source]
+        source: crate::HookError,
+    },
     /// Reading (pread, fstat, lseek) failed.
     #[error("reading {what} at {offset:#x}")]
     Read {

@@ -10,6 +10,7 @@ use crate::compress;
 use crate::entry::{Geometry, L1Entry, L2Mapping, RefcountTableEntry, Subcluster};
 use crate::error::{Error, Result};
 use crate::header::Header;
+use crate::open::{FileRole, OpenOptions, OpenedFile};
 use crate::seek::{self, Region};
 use crate::types::{GuestOffset, HostOffset, be64};
 
@@ -91,44 +92,48 @@ impl Within {
     }
 }
 
-/// A host file guest data is read from.
+/// An open host file: an image, a backing file, a data file.
 #[derive(Debug)]
 pub(crate) struct HostFile {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
     pub(crate) size: u64,
+    /// (device, inode).
+    pub(crate) id: (u64, u64),
 }
 
 impl HostFile {
-    pub(crate) fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
+    /// Takes an open file: its size and identity (fstat), nothing read.
+    pub(crate) fn new(file: File, path: &Path) -> Result<Self> {
+        let m = file.metadata().map_err(|source| Error::Read {
+            what: "file size",
+            offset: 0,
             source,
         })?;
-        let size = file
-            .metadata()
-            .map_err(|source| Error::Read {
-                what: "file size",
-                offset: 0,
-                source,
-            })?
-            .len();
-        // No readahead: reading tables must not pull the data clusters
-        // around them into the page cache, where SEEK_DATA (which the map
-        // asks for preallocated images, as qemu does) would see cached
-        // pages of unwritten extents as data. Advice only: an error from it
-        // changes nothing we read.
-        let _ = nix::fcntl::posix_fadvise(
-            &file,
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
-        );
         Ok(HostFile {
             path: path.to_path_buf(),
             file,
-            size,
+            size: m.len(),
+            id: (m.dev(), m.ino()),
         })
+    }
+
+    /// Takes a file the caller opened and has done with what it needs.
+    pub(crate) fn adopt(file: File, path: &Path) -> Result<Self> {
+        let host = HostFile::new(file, path)?;
+        host.advise_random();
+        Ok(host)
+    }
+
+    /// No readahead: reading tables must not pull the data clusters
+    /// around them into the page cache, where SEEK_DATA (which the map
+    /// asks for preallocated images, as qemu does) would see cached pages
+    /// of unwritten extents as data.
+    pub(crate) fn advise_random(&self) {
+        crate::open::advise(
+            &self.file,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+        );
     }
 }
 
@@ -175,27 +180,49 @@ impl Qcow2 {
     /// Opens a qcow2 file read-only: header, L1 table, refcount table and
     /// the external data file, if any. The backing file is not opened.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::open_inner(path, false, Within::File).map_err(|e| e.in_file(path))
+        Self::open_with(path, &OpenOptions::default())
     }
 
     /// [`Qcow2::open`] for an image from an untrusted place: an external
     /// data file name that is absolute or leads out of the image's folder
     /// is refused (see [`check_untrusted`]).
     pub fn open_untrusted(path: impl AsRef<Path>) -> Result<Self> {
+        let opts = OpenOptions {
+            untrusted: true,
+            ..OpenOptions::default()
+        };
+        Self::open_with(path, &opts)
+    }
+
+    /// [`Qcow2::open`] with options: `untrusted` and `on_open` apply (the
+    /// hook sees the image as [`FileRole::Top`] and its data file); the
+    /// backing file is never opened here.
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        Self::open_inner(path, true, Within::File).map_err(|e| e.in_file(path))
+        let open = || {
+            let host = opts.open(path, FileRole::Top, None)?;
+            Self::from_host(host, opts, 0, Within::File)
+        };
+        open().map_err(|e| e.in_file(path))
     }
 
-    /// Opens for [`Qcow2::check`] alone: the active L1 table and the
-    /// refcount table read as qemu reads them, with zeros past the end of
-    /// the file, so that the check reports such tables as damage.
-    pub(crate) fn open_for_check(path: &Path, untrusted: bool) -> Result<Self> {
-        Self::open_inner(path, untrusted, Within::ZeroFill).map_err(|e| e.in_file(path))
+    /// Opens the qcow2 image the caller has open as `file` (read from
+    /// offset 0 on; `path` names it in messages and locates its data
+    /// file). `on_open` is not called for `file` itself.
+    pub fn open_file(file: File, path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let open = || Self::from_host(HostFile::adopt(file, path)?, opts, 0, Within::File);
+        open().map_err(|e| e.in_file(path))
     }
 
-    fn open_inner(path: &Path, untrusted: bool, tables: Within) -> Result<Self> {
-        let host = HostFile::open(path)?;
+    /// Reads the header and tables of the qcow2 image in `host`, the
+    /// layer at `depth` of a chain, and opens its data file.
+    pub(crate) fn from_host(
+        host: HostFile,
+        opts: &OpenOptions,
+        depth: usize,
+        tables: Within,
+    ) -> Result<Self> {
         // The header lives in the first cluster; read the largest possible
         // (2 MiB) or the whole file if shorter, then parse.
         let first = host.size.min(1 << crate::header::MAX_CLUSTER_BITS) as usize;
@@ -212,16 +239,6 @@ impl Qcow2 {
         if tables == Within::File {
             header.check_file_size(host.size)?;
         }
-        Self::from_parts(host, header, path, untrusted, tables)
-    }
-
-    fn from_parts(
-        host: HostFile,
-        header: Header,
-        path: &Path,
-        untrusted: bool,
-        tables: Within,
-    ) -> Result<Self> {
         // Both sizes are capped by Header::parse (32 MiB, 8 MiB).
         let mut l1_bytes = vec![0; header.l1_size as usize * 8];
         tables.pread(
@@ -255,10 +272,11 @@ impl Qcow2 {
                     problem: "the external data file bit is set but no name is stored",
                 });
             };
-            if untrusted {
-                check_untrusted(path, name, "data file")?;
+            if opts.untrusted {
+                check_untrusted(&host.path, name, "data file")?;
             }
-            Some(HostFile::open(&resolve(path, name, "data file")?)?)
+            let path = resolve(&host.path, name, "data file")?;
+            Some(opts.open(&path, FileRole::DataFile(depth), None)?)
         } else {
             None
         };
@@ -275,6 +293,23 @@ impl Qcow2 {
             compressed_cache: Mutex::default(),
             metadata_prealloc: OnceLock::new(),
         })
+    }
+
+    /// The files this image holds open: the image, its data file.
+    pub fn files(&self) -> impl Iterator<Item = OpenedFile<'_>> {
+        self.files_at(0)
+    }
+
+    /// [`Qcow2::files`] for the layer at `depth` of a chain.
+    pub(crate) fn files_at(&self, depth: usize) -> impl Iterator<Item = OpenedFile<'_>> {
+        let role = if depth == 0 {
+            FileRole::Top
+        } else {
+            FileRole::Backing(depth)
+        };
+        let data = self.data_file.as_ref();
+        std::iter::once(OpenedFile::of(&self.host, role))
+            .chain(data.map(|d| OpenedFile::of(d, FileRole::DataFile(depth))))
     }
 
     /// The validated header.

@@ -72,6 +72,7 @@ mod header;
 mod image;
 mod info;
 mod map;
+mod open;
 mod seek;
 mod snapshot;
 mod stream;
@@ -82,7 +83,7 @@ pub use bitmap::{
     Bitmap, BitmapCluster, BitmapTableEntry, DirtyRanges, RawBitmapEntry, flags as bitmap_flags,
     parse_directory,
 };
-pub use chain::{Format, Image, Layer, MAX_CHAIN_DEPTH, OpenOptions, RawImage};
+pub use chain::{Image, Layer, RawImage};
 pub use check::{CheckResult, MAX_MESSAGES};
 pub use compress::decompress;
 pub use entry::{
@@ -99,6 +100,9 @@ pub use info::{
     Qcow2Specific, RawInfo, SnapshotInfo,
 };
 pub use map::{MapEntry, MapIter, merge_entries};
+pub use open::{
+    FileRole, Format, HookError, MAX_CHAIN_DEPTH, OnOpen, OpenOptions, OpenedFile, probe,
+};
 pub use snapshot::{RawSnapshotHeader, Snapshot};
 pub use stream::{
     Chunk, Chunks, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES, StreamDecoder, StreamError,
