@@ -73,9 +73,7 @@ pub const STREAM_METADATA_CAP: u64 = 64 << 20;
 /// geometry.
 pub fn qcow2_header(data: &[u8]) {
     let _ = RawHeader::decode(data);
-    if let Some(b) = data.get(..RawSnapshotHeader::LEN) {
-        let _ = RawSnapshotHeader::decode(b);
-    }
+    let _ = RawSnapshotHeader::decode(data);
     let Ok(h) = Header::parse(data) else {
         return;
     };

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::compress;
 use crate::entry::{Geometry, L1Entry, L2Mapping, RefcountTableEntry, Subcluster};
 use crate::error::{Error, Result};
-use crate::header::Header;
+use crate::header::{Header, RawHeader};
 use crate::open::{FileRole, OpenOptions, OpenedFile};
 use crate::seek::{self, Region};
 use crate::types::{GuestOffset, HostOffset, be64};
@@ -228,8 +228,8 @@ impl Qcow2 {
         let first = host.size.min(1 << crate::header::MAX_CLUSTER_BITS) as usize;
         let mut buf = vec![0; first.min(4096)];
         pread_zero_fill(&host.file, &mut buf, 0, "header")?;
-        if buf.len() >= 24 {
-            let bits = crate::types::be32(&buf, 20);
+        if let Ok(raw) = RawHeader::decode(&buf) {
+            let bits = raw.cluster_bits.get();
             if (9..=21).contains(&bits) && (1usize << bits) > buf.len() && first > buf.len() {
                 buf = vec![0; first.min(1 << bits)];
                 pread_zero_fill(&host.file, &mut buf, 0, "header")?;

@@ -328,15 +328,15 @@ impl<R: Read> StreamDecoder<R> {
         let n = r.fill(&mut buf)?;
         buf.truncate(n);
         let raw = RawHeader::decode(&buf).map_err(header_err)?;
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&raw.cluster_bits) {
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&raw.cluster_bits.get()) {
             return Err(header_err(Error::BadField {
                 field: "cluster_bits",
-                value: raw.cluster_bits.into(),
+                value: raw.cluster_bits.get().into(),
                 expected: "9..=21",
             }));
         }
         if n == first {
-            let rest = (1u64 << raw.cluster_bits) - first as u64;
+            let rest = (1u64 << raw.cluster_bits.get()) - first as u64;
             r.append(&mut buf, rest)?;
         }
         let header = Header::parse(&buf).map_err(header_err)?;

@@ -35,19 +35,9 @@ impl fmt::LowerHex for HostOffset {
     }
 }
 
-/// Reads a big-endian `u32` at `at`; the caller has checked the length.
-pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// Reads a big-endian `u64` at `at`; the caller has checked the length.
 pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Reads a big-endian `u16` at `at`; the caller has checked the length.
-pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
 }
 
 #[cfg(test)]
@@ -61,10 +51,8 @@ mod tests {
     }
 
     #[test]
-    fn big_endian_readers() {
+    fn big_endian_table_entries() {
         let b = [0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3];
-        assert_eq!(be32(&b, 0), 0x5146_49fb);
-        assert_eq!(be16(&b, 6), 3);
         assert_eq!(be64(&b, 0), 0x5146_49fb_0000_0003);
     }
 }
