@@ -41,8 +41,9 @@ use sparsekit_nbd::{
     Chunk, ContextId, Handshake, HandshakeConfig, HeaderMode, Negotiated, ReplyHeader, StatusExtent,
 };
 use sparsekit_qcow2::{
-    Header, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions, Qcow2, RawHeader,
-    RawSnapshotHeader, RefcountTableEntry, Snapshot, StreamDecoder, StreamLimits, parse_directory,
+    GuestOffset, Header, HostCluster, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions,
+    Qcow2, RawHeader, RawSnapshotHeader, RefcountTableEntry, Snapshot, StreamDecoder, StreamLimits,
+    parse_directory,
 };
 
 /// The body of a fuzz target.
@@ -117,7 +118,7 @@ pub fn qcow2_header(data: &[u8]) {
         if let Ok(m) = L2Mapping::decode(a, b, g) {
             let _ = m.has_host_data();
             for sc in 0..h.subclusters() as u32 {
-                let _ = m.subcluster(sc, h.subcluster_size(), g, i as u64);
+                let _ = m.subcluster(sc, h.subcluster_size(), g, GuestOffset(i as u64));
             }
         }
     }
@@ -213,12 +214,12 @@ pub fn qcow2_image(data: &[u8]) {
     let _ = img.read_at(&mut buf[..1], size);
 
     for g in [0, size / 2, size.saturating_sub(1)] {
-        let _ = q.mapping(sparsekit_qcow2::GuestOffset(g));
-        let _ = q.subcluster_run(g, size - g.min(size));
-        let _ = q.layer_status(g, size - g.min(size));
+        let _ = q.mapping(GuestOffset(g));
+        let _ = q.subcluster_run(GuestOffset(g), size - g.min(size));
+        let _ = q.layer_status(GuestOffset(g), size - g.min(size));
     }
     for c in 0..4 {
-        let _ = q.refcount(c);
+        let _ = q.refcount(HostCluster(c));
     }
     let _ = q.metadata_preallocated();
     let _ = q.refcount_block_entries();

@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::image::{Qcow2, pread_within};
+use crate::image::{Qcow2, Within};
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -287,9 +287,8 @@ impl Qcow2 {
         };
         // Bounded by the header check: at most 64 MiB, inside the file.
         let mut buf = vec![0; ext.directory_size as usize];
-        pread_within(
-            self.file(),
-            self.file_size(),
+        self.host().pread(
+            Within::File,
             &mut buf,
             ext.directory_offset.0,
             "bitmap directory",
@@ -324,13 +323,8 @@ impl Qcow2 {
             ));
         }
         let mut table = vec![0; b.table_size as usize * 8];
-        pread_within(
-            self.file(),
-            self.file_size(),
-            &mut table,
-            b.table_offset.0,
-            "bitmap table",
-        )?;
+        self.host()
+            .pread(Within::File, &mut table, b.table_offset.0, "bitmap table")?;
         let table = table
             .chunks_exact(8)
             .map(|c| BitmapTableEntry(be64(c, 0)))
@@ -403,9 +397,8 @@ impl DirtyRanges<'_> {
                     }
                     BitmapCluster::Stored(off) => {
                         self.cluster.resize(cs as usize, 0);
-                        pread_within(
-                            self.image.file(),
-                            self.image.file_size(),
+                        self.image.host().pread(
+                            Within::File,
                             &mut self.cluster,
                             off.0,
                             "bitmap data",

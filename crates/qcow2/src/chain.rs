@@ -10,6 +10,7 @@ use crate::image::{HostFile, LayerStatus, Qcow2, Within, pread_zero_fill, resolv
 use crate::map::MapIter;
 use crate::open::{FileRole, Format, OpenOptions, OpenedFile, read_format};
 use crate::seek::{self, Region};
+use crate::types::{GuestOffset, HostOffset};
 
 /// A raw image used as a backing file.
 #[derive(Debug)]
@@ -39,11 +40,12 @@ impl RawImage {
 
     fn status(&self, offset: u64, max: u64) -> Result<LayerStatus> {
         let end = (offset + max).min(self.virtual_size());
-        let r = seek::region_at(&self.host.file, offset, end).map_err(|source| Error::Read {
-            what: "allocation status (SEEK_DATA)",
-            offset,
-            source,
-        })?;
+        let r =
+            seek::region_at(&self.host.file, offset, end).map_err(|source| Error::SeekData {
+                path: self.host.path.clone(),
+                offset,
+                source,
+            })?;
         let (data, to) = match r {
             Region::Data(to) => (true, to),
             Region::Hole(to) => (false, to),
@@ -54,7 +56,7 @@ impl RawImage {
             zero: !data,
             allocated: true,
             compressed: false,
-            offset: Some(offset),
+            offset: Some(HostOffset(offset)),
         })
     }
 }
@@ -246,13 +248,19 @@ impl Image {
     /// Block status of one layer at `offset`, including the zeros qemu's
     /// block layer adds for unallocated ranges without backing data
     /// (block/io.c, `bdrv_co_do_block_status`).
-    pub(crate) fn layer_status(&self, depth: usize, offset: u64, max: u64) -> Result<LayerStatus> {
+    pub(crate) fn layer_status(
+        &self,
+        depth: usize,
+        guest: GuestOffset,
+        max: u64,
+    ) -> Result<LayerStatus> {
+        let offset = guest.0;
         let layer = &self.layers[depth];
         // The block layer clamps every request to the node's length.
         let max = max.min(layer.virtual_size().saturating_sub(offset));
         let mut st = match layer {
             Layer::Qcow2(q) => q
-                .layer_status(offset, max)
+                .layer_status(guest, max)
                 .map_err(|e| e.in_file(q.path()))?,
             Layer::Raw(r) => r.status(offset, max).map_err(|e| e.in_file(r.path()))?,
         };
@@ -319,11 +327,11 @@ impl Image {
         while done < buf.len() {
             let pos = offset + done as u64;
             let want = (buf.len() - done) as u64;
-            let (sc, len) = q.subcluster_run(pos, want)?;
+            let (sc, len) = q.subcluster_run(GuestOffset(pos), want)?;
             let len = len.min(want) as usize;
             let chunk = &mut buf[done..done + len];
             match sc {
-                Subcluster::Normal(h) => q.read_host(chunk, h.0)?,
+                Subcluster::Normal(h) => q.read_host(chunk, h)?,
                 Subcluster::ZeroPlain | Subcluster::ZeroAlloc(_) => chunk.fill(0),
                 Subcluster::UnallocatedPlain | Subcluster::UnallocatedAlloc(_) => {
                     match self.layers.get(depth + 1) {

@@ -12,9 +12,10 @@ use serde::Serialize;
 use crate::bitmap::{BitmapTableEntry, parse_directory};
 use crate::entry::{L1Entry, L2Entry, RefcountTableEntry};
 use crate::error::{Error, Result};
-use crate::image::{HostFile, Qcow2, Within, pread_zero_fill, refcount_in_block};
+use crate::image::{HostFile, Qcow2, Within, pread_zero_fill};
 use crate::open::{FileRole, OpenOptions};
 use crate::snapshot::Snapshot;
+use crate::types::HostCluster;
 use crate::types::be64;
 
 /// Most messages a [`CheckResult`] keeps; past it they are counted in
@@ -417,11 +418,8 @@ impl Checker<'_> {
                 }
             }
         }
-        // qemu walks the tables of each snapshot anew. The same L1 table
-        // (offset and size) and the same L2 table are walked once here,
-        // their references counted as often as they are referenced: the
-        // same counts, without the time a hostile image asks for by
-        // pointing thousands of snapshots at one large table.
+        // qemu walks each snapshot's tables anew; a table shared by many is
+        // walked once here, its references counted as often (same counts).
         let mut l1s: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         for s in snapshots {
             if let Some(problem) = s.l1_problem(h.cluster_bits) {
@@ -450,21 +448,29 @@ impl Checker<'_> {
 
     /// qemu's `check_refblocks`.
     fn refblocks(&mut self, nb_clusters: u64) {
-        let table_offset = self.q.header().refcount_table_offset.0;
+        let h = self.q.header();
+        let table_offset = h.refcount_table_offset.0;
         for (i, e) in self.q.refcount_table().iter().enumerate() {
-            if e.0 & RefcountTableEntry::RESERVED_MASK != 0 {
-                self.corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
-                continue;
+            match e.validate(h.cluster_bits) {
+                Ok(()) => {}
+                Err(RefcountTableEntry::RESERVED_BITS_SET) => {
+                    self.corrupt(|| {
+                        format!("ERROR refcount table entry {i} has reserved bits set")
+                    });
+                    continue;
+                }
+                Err(_) => {
+                    self.corrupt(|| format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                    ));
+                    continue;
+                }
             }
-            let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-            if !off.is_multiple_of(self.cluster_size) {
-                self.corrupt(|| format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
+            let Some(block) = e.block_offset() else {
                 continue;
-            }
-            let cluster = off / self.cluster_size;
-            if cluster >= nb_clusters {
+            };
+            let cluster = HostCluster::containing(block, h.cluster_bits);
+            if cluster.0 >= nb_clusters {
                 self.corrupt(|| {
                     format!(
                         "ERROR refcount block {i} is outside image (table at {table_offset:#x})"
@@ -472,55 +478,23 @@ impl Checker<'_> {
                 });
                 continue;
             }
-            if off != 0 {
-                self.inc(off, self.cluster_size);
-                let c = self.counts.get(cluster);
-                if c != 1 {
-                    self.corrupt(|| format!("ERROR refcount block {i} refcount={c}"));
-                }
+            self.inc(block.0, self.cluster_size);
+            let c = self.counts.get(cluster.0);
+            if c != 1 {
+                self.corrupt(|| format!("ERROR refcount block {i} refcount={c}"));
             }
         }
     }
 
-    /// The refcount stored in the image for every cluster of the file
-    /// (qemu's `qcow2_get_refcount`), one refcount block at a time.
+    /// The refcount stored in the image for every cluster of the file,
+    /// as qemu's `qcow2_get_refcount` reads it, against the count.
     fn compare(&mut self, nb_clusters: u64) -> u64 {
-        let q = self.q;
-        let per_block = q.refcount_block_entries();
-        let order = q.header().refcount_order;
         let mut highest = 0;
-        let mut block: Option<(u64, Option<Vec<u8>>)> = None;
         for i in 0..nb_clusters {
-            let ti = i / per_block;
-            if block.as_ref().is_none_or(|(t, _)| *t != ti) {
-                let data = match q.refcount_table().get(ti as usize) {
-                    None => None,
-                    Some(e) => {
-                        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-                        if off == 0 {
-                            None
-                        } else if !off.is_multiple_of(self.cluster_size) {
-                            Some(Vec::new())
-                        } else {
-                            Some(
-                                self.read(off, self.cluster_size, "refcount block")
-                                    .unwrap_or_default(),
-                            )
-                        }
-                    }
-                };
-                block = Some((ti, data));
-            }
-            let stored = match &block {
-                Some((_, None)) | None => 0,
-                Some((_, Some(b))) if b.is_empty() => {
-                    self.res.check_errors += 1;
-                    self.message(|| {
-                        format!("Can't get refcount for cluster {i}: Input/output error")
-                    });
-                    continue;
-                }
-                Some((_, Some(b))) => refcount_in_block(b, i % per_block, order),
+            let Ok(stored) = self.stored_refcount(i) else {
+                self.res.check_errors += 1;
+                self.message(|| format!("Can't get refcount for cluster {i}: Input/output error"));
+                continue;
             };
             let counted = self.counts.get(i);
             if stored > 0 || counted > 0 {
@@ -589,7 +563,7 @@ impl Checker<'_> {
                 } else {
                     match self.stored_refcount(off / self.cluster_size) {
                         Ok(rc) => rc,
-                        Err(()) => continue,
+                        Err(_) => continue,
                     }
                 };
                 if (rc == 1) != (e & L2Entry::COPIED != 0) {
@@ -601,27 +575,10 @@ impl Checker<'_> {
         }
     }
 
-    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, ()> {
-        let q = self.q;
-        let per_block = q.refcount_block_entries();
-        let Some(e) = q.refcount_table().get((cluster / per_block) as usize) else {
-            return Ok(0);
-        };
-        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-        if off == 0 {
-            return Ok(0);
-        }
-        if !off.is_multiple_of(self.cluster_size) {
-            return Err(());
-        }
-        let b = self
-            .read(off, self.cluster_size, "refcount block")
-            .ok_or(())?;
-        Ok(refcount_in_block(
-            &b,
-            cluster % per_block,
-            q.header().refcount_order,
-        ))
+    /// The refcount of host cluster `cluster`; refcount blocks past the
+    /// end of the file read as zeros, as qemu reads them.
+    fn stored_refcount(&self, cluster: u64) -> Result<u64> {
+        self.q.refcount_read(HostCluster(cluster), Within::ZeroFill)
     }
 }
 

@@ -77,7 +77,6 @@ mod seek;
 mod snapshot;
 mod stream;
 mod types;
-mod writer;
 
 pub use bitmap::{
     Bitmap, BitmapCluster, BitmapTableEntry, DirtyRanges, RawBitmapEntry, flags as bitmap_flags,
@@ -105,8 +104,7 @@ pub use open::{
 };
 pub use snapshot::{RawSnapshotHeader, Snapshot};
 pub use stream::{
-    Chunk, Chunks, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES, StreamDecoder, StreamError,
-    StreamLimits,
+    Chunk, Chunks, DEFAULT_CLUSTER_BITS, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES,
+    StreamDecoder, StreamError, StreamLayout, StreamLimits, StreamWriter, WriteError, write_stream,
 };
-pub use types::{GuestOffset, HostOffset};
-pub use writer::{DEFAULT_CLUSTER_BITS, StreamLayout, StreamWriter, WriteError, write_stream};
+pub use types::{GuestOffset, HostCluster, HostOffset};

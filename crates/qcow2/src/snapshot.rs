@@ -199,9 +199,7 @@ impl Qcow2 {
         // Longest possible entry: fixed part, extra data, two u16 strings.
         let max_entry = RawSnapshotHeader::LEN + MAX_EXTRA_DATA as usize + 2 * 65535 + 8;
         let mut buf = Vec::new();
-        let read = |buf: &mut [u8], at: u64| {
-            within.pread(self.file(), self.file_size(), buf, at, "snapshot table")
-        };
+        let read = |buf: &mut [u8], at: u64| self.host().pread(within, buf, at, "snapshot table");
         for i in 0..h.nb_snapshots {
             if off - h.snapshots_offset.0 > MAX_TABLE_BYTES {
                 return Err(bad(i, off, "snapshot table larger than 64 MiB"));

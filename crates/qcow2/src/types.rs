@@ -11,6 +11,23 @@ pub struct GuestOffset(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct HostOffset(pub u64);
 
+/// A host cluster by its index: a host offset divided by the cluster
+/// size. Refcounts are kept per host cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostCluster(pub u64);
+
+impl HostCluster {
+    /// The cluster `offset` lies in, with `1 << cluster_bits`-byte clusters.
+    pub fn containing(offset: HostOffset, cluster_bits: u32) -> Self {
+        HostCluster(offset.0 >> cluster_bits)
+    }
+
+    /// Where the cluster starts.
+    pub fn offset(self, cluster_bits: u32) -> HostOffset {
+        HostOffset(self.0 << cluster_bits)
+    }
+}
+
 impl fmt::Display for GuestOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest {:#x}", self.0)
@@ -43,6 +60,13 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clusters_and_offsets() {
+        let c = HostCluster::containing(HostOffset(0x3_0123), 16);
+        assert_eq!(c, HostCluster(3));
+        assert_eq!(c.offset(16), HostOffset(0x30000));
+    }
 
     #[test]
     fn offsets_print_in_hex() {
