@@ -7,6 +7,13 @@
 //!   L2 entries and compressed clusters.
 //! - [`Qcow2`] is one image file: L1 table, L2 tables on demand through a
 //!   bounded cache, refcounts, the external data file.
+//! - [`probe`] tells a qcow2 image from a raw one on the caller's open
+//!   file; [`Image::open_file`] and [`Qcow2::open_file`] open from it, and
+//!   [`OpenOptions::on_open`] (an [`OnOpen`] hook) sees every other file
+//!   an open opens, with its [`FileRole`], before it is read: where a
+//!   caller takes its locks. [`Image::files`] lists the files held.
+//! - [`GuestOffset`], [`HostOffset`] and [`HostCluster`] keep the kinds
+//!   of offsets apart in the API.
 //! - [`Image`] is an image with its backing chain (qcow2 or raw): the
 //!   virtual disk. [`Image::map`] streams [`MapEntry`] values equal to
 //!   `qemu-img map --output=json`, convertible to

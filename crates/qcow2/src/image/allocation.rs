@@ -8,7 +8,7 @@ impl Qcow2 {
     /// Streams the allocation bitmap of this image to `out`: one bit per
     /// guest cluster, bit `i % 8` of byte `i / 8` set when cluster `i` has
     /// a host cluster here (standard, compressed or preallocated zero; see
-    /// [`L2Mapping::has_host_data`]). Returns the number of such clusters,
+    /// [`crate::L2Mapping::has_host_data`]). Returns the number of such clusters,
     /// which equals `qemu-img check`'s allocated clusters. Memory is one
     /// L2 table, however big the disk.
     pub fn write_allocation_bitmap(&self, out: &mut dyn std::io::Write) -> Result<u64> {

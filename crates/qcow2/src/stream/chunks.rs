@@ -41,7 +41,7 @@ enum Next {
 }
 
 /// The data of a stream, in host order: an iterator of [`Chunk`]s made
-/// by [`StreamDecoder::read_tables`]. It stops after the first error.
+/// by [`super::StreamDecoder::read_tables`]. It stops after the first error.
 #[derive(Debug)]
 pub struct Chunks<R> {
     r: Forward<R>,

@@ -51,7 +51,7 @@ pub enum StreamError {
         #[source]
         source: Error,
     },
-    /// The tables are larger than [`StreamLimits::max_metadata_bytes`].
+    /// The tables are larger than [`super::StreamLimits::max_metadata_bytes`].
     #[error("the stream's {what} takes {bytes} bytes, more than the cap of {cap} bytes")]
     TooMuchMetadata {
         /// `tables` (L1, L2 and refcount tables) or `cluster map`.
