@@ -128,7 +128,8 @@ impl Image {
     /// backing chain: one path, opened once (after the caller has probed
     /// it with [`crate::probe`], say). `path` names the file in messages
     /// and locates its backing and data files. `on_open` sees every other
-    /// file of the chain, not `file`.
+    /// file of the chain, not `file`. `file` is advised
+    /// `POSIX_FADV_RANDOM`, as every file the image reads tables from.
     pub fn open_file(file: File, path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
         let host = HostFile::adopt(file, path).map_err(|e| e.in_file(path))?;

@@ -102,7 +102,8 @@ impl Qcow2 {
 
     /// Opens the qcow2 image the caller has open as `file` (read from
     /// offset 0 on; `path` names it in messages and locates its data
-    /// file). `on_open` is not called for `file` itself.
+    /// file). `on_open` is not called for `file` itself, which is advised
+    /// `POSIX_FADV_RANDOM`.
     pub fn open_file(file: File, path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
         let open = || Self::from_host(HostFile::adopt(file, path)?, opts, 0, Within::File);
