@@ -280,7 +280,7 @@ fn write_seeds(targets: &[&str]) -> anyhow::Result<()> {
             "qcow2_header" => {
                 for (name, bytes) in &images {
                     let h = sparsekit_qcow2::RawHeader::decode(bytes);
-                    let cs = h.map_or(65536, |h| 1usize << h.cluster_bits.clamp(9, 16));
+                    let cs = h.map_or(65536, |h| 1usize << h.cluster_bits.get().clamp(9, 16));
                     put(name, &bytes[..bytes.len().min(cs)])?;
                 }
             }

@@ -82,17 +82,48 @@ fn map_json_equals_qemu_img_map() {
     }
 }
 
-fn without_allocation(mut v: Value) -> Value {
+/// `qemu-img check --output=json`'s count of allocated clusters of the
+/// image at `path` (left out of its JSON when zero).
+fn qemu_allocated_clusters(path: &str) -> u64 {
+    let o = Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", "qcow2", path])
+        .output()
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("qemu-img check {path}: {e}"));
+    v.get("allocated-clusters")
+        .map_or(0, |n| n.as_u64().unwrap())
+}
+
+/// Checks and removes the `allocation` object of each qcow2 entry:
+/// `allocated-clusters` against `qemu-img check`'s, `clusters` and
+/// `allocated-bytes` from the entry's own geometry.
+fn checked_allocation(mut v: Value) -> Value {
     match &mut v {
-        Value::Object(m) => {
-            assert!(
-                m.remove("allocation").is_some() || m["format"] != "qcow2",
-                "qcow2 entries carry an allocation object"
+        Value::Object(m) if m["format"] == "qcow2" => {
+            let a = m
+                .remove("allocation")
+                .expect("qcow2 entries carry an allocation object");
+            let name = m["filename"].as_str().unwrap();
+            let (size, cs) = (
+                m["virtual-size"].as_u64().unwrap(),
+                m["cluster-size"].as_u64().unwrap(),
+            );
+            let allocated = qemu_allocated_clusters(name);
+            assert_eq!(
+                a,
+                serde_json::json!({
+                    "clusters": size.div_ceil(cs),
+                    "allocated-clusters": allocated,
+                    "allocated-bytes": allocated * cs,
+                }),
+                "allocation of {name}"
             );
         }
+        Value::Object(m) => assert!(m.get("allocation").is_none(), "{m:?}"),
         Value::Array(a) => {
             for x in a.iter_mut() {
-                *x = without_allocation(x.take());
+                *x = checked_allocation(x.take());
             }
         }
         _ => {}
@@ -106,7 +137,7 @@ fn info_json_equals_qemu_img_info() {
         let img = fixture(name);
         let ours = json_of(env!("CARGO_BIN_EXE_qcow2-info"), &["--json"], &img);
         let theirs = json_of("qemu-img", &["info", "--output=json", "-f", "qcow2"], &img);
-        assert_eq!(without_allocation(ours), theirs, "{name}");
+        assert_eq!(checked_allocation(ours), theirs, "{name}");
     }
     let top = fixture("chain-top.qcow2");
     let ours = json_of(
@@ -120,7 +151,7 @@ fn info_json_equals_qemu_img_info() {
         &top,
     );
     assert_eq!(ours.as_array().unwrap().len(), 3);
-    assert_eq!(without_allocation(ours), theirs);
+    assert_eq!(checked_allocation(ours), theirs);
 }
 
 #[test]
@@ -147,59 +178,69 @@ fn check_equals_qemu_img_check() {
     }
 }
 
+/// `qcow2-info --check --json` and `qemu-img check --output=json` on
+/// `img`: both exit statuses and the two JSON values, which must be equal.
+fn check_both(img: &Path) -> (Option<i32>, Option<i32>) {
+    let ours = tool(
+        env!("CARGO_BIN_EXE_qcow2-info"),
+        &["--check", "--json"],
+        img,
+    );
+    let theirs = tool("qemu-img", &["check", "--output=json"], img);
+    let (a, b): (Value, Value) = (
+        serde_json::from_slice(&ours.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&ours.stderr));
+        }),
+        serde_json::from_slice(&theirs.stdout).unwrap(),
+    );
+    assert_eq!(a, b, "{}", img.display());
+    (ours.status.code(), theirs.status.code())
+}
+
 /// Leaks and corruption: exit codes 3 and 2 as qemu-img check's.
 #[test]
 fn check_exit_codes_on_damaged_images() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("leak.qcow2");
-    std::fs::copy(fixture("v3.qcow2"), &img).unwrap();
+    let damaged = |name: &str, damage: &dyn Fn(&mut Vec<u8>)| {
+        let img = dir.path().join(name);
+        let mut bytes = std::fs::read(fixture("v3.qcow2")).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&img, &bytes).unwrap();
+        img
+    };
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
     // A leak: one more cluster at the end of the file with refcount 1 and
     // no reference to it.
-    let cluster = 65536u64;
-    let mut bytes = std::fs::read(&img).unwrap();
-    let idx = (bytes.len() as u64).div_ceil(cluster);
-    bytes.resize(((idx + 1) * cluster) as usize, 0);
-    let rt = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
-    let rb = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
-    let at = rb + idx as usize * 2; // 16-bit refcounts
-    bytes[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
-    std::fs::write(&img, &bytes).unwrap();
-    let ours = tool(
-        env!("CARGO_BIN_EXE_qcow2-info"),
-        &["--check", "--json"],
-        &img,
-    );
-    let theirs = tool("qemu-img", &["check", "--output=json"], &img);
-    assert_eq!(
-        theirs.status.code(),
-        Some(3),
-        "the image should have a leak"
-    );
-    assert_eq!(ours.status.code(), Some(3));
-    let (a, b): (Value, Value) = (
-        serde_json::from_slice(&ours.stdout).unwrap(),
-        serde_json::from_slice(&theirs.stdout).unwrap(),
-    );
-    assert_eq!(a, b);
+    let img = damaged("leak.qcow2", &|bytes| {
+        let cluster = 65536u64;
+        let idx = (bytes.len() as u64).div_ceil(cluster);
+        bytes.resize(((idx + 1) * cluster) as usize, 0);
+        let rt = be64(bytes, 48) as usize;
+        let rb = be64(bytes, rt) as usize;
+        let at = rb + idx as usize * 2; // 16-bit refcounts
+        bytes[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+    });
+    assert_eq!(check_both(&img), (Some(3), Some(3)), "a leak");
 
     // An L2 entry pointing past the end of the file: corruption (exit 2).
-    let img2 = dir.path().join("corrupt.qcow2");
-    std::fs::copy(fixture("v3.qcow2"), &img2).unwrap();
-    let mut bytes = std::fs::read(&img2).unwrap();
-    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
-    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
-        as usize;
-    let far: u64 = (1 << 63) | (1 << 40);
-    bytes[l2..l2 + 8].copy_from_slice(&far.to_be_bytes());
-    std::fs::write(&img2, &bytes).unwrap();
-    let ours = tool(
-        env!("CARGO_BIN_EXE_qcow2-info"),
-        &["--check", "--json"],
-        &img2,
+    let img = damaged("corrupt.qcow2", &|bytes| {
+        let l1 = be64(bytes, 40) as usize;
+        let l2 = (be64(bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+        let far: u64 = (1 << 63) | (1 << 40);
+        bytes[l2..l2 + 8].copy_from_slice(&far.to_be_bytes());
+    });
+    assert_eq!(check_both(&img), (Some(2), Some(2)), "a corruption");
+
+    // Issue 17: an L1 table beyond the end of the file is damage to
+    // report (exit 2), not a reason to refuse.
+    let img = damaged("l1-past-end.qcow2", &|bytes| {
+        bytes[40..48].copy_from_slice(&0x1000_0000u64.to_be_bytes());
+    });
+    assert_eq!(
+        check_both(&img),
+        (Some(2), Some(2)),
+        "an L1 table past the end"
     );
-    let theirs = tool("qemu-img", &["check", "--output=json"], &img2);
-    assert_eq!(theirs.status.code(), Some(2));
-    assert_eq!(ours.status.code(), Some(2));
 }
 
 /// The allocation bitmap against one computed here from qemu-img map:

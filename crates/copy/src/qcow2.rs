@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use sparsekit_extent::ExtentIterExt;
-use sparsekit_qcow2::{Image, Subcluster};
+use sparsekit_qcow2::{GuestOffset, Image, Subcluster};
 
 use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 
@@ -81,7 +81,7 @@ impl Source for Qcow2Source {
         while done < buf.len() {
             let want = (buf.len() - done) as u64;
             let Ok((Subcluster::Normal(host), len)) =
-                top.subcluster_run(offset + done as u64, want)
+                top.subcluster_run(GuestOffset(offset + done as u64), want)
             else {
                 break;
             };

@@ -9,8 +9,8 @@
 //! `fuzz/regressions/<target>/` through the same functions on stable Rust.
 //!
 //! - [`qcow2_header`]: the first cluster; no I/O.
-//! - [`qcow2_image`]: a whole image file: open, map, read, check, info,
-//!   allocation bitmap, snapshots.
+//! - [`qcow2_image`]: a whole image file: the check of damaged images,
+//!   then open, map, read, check, info, allocation bitmap, snapshots.
 //! - [`qcow2_bitmaps`]: a whole image file: the bitmap directory and
 //!   every bitmap's dirty ranges.
 //! - [`qcow2_stream`]: a qcow2 stream through [`StreamDecoder`], read whole
@@ -41,8 +41,9 @@ use sparsekit_nbd::{
     Chunk, ContextId, Handshake, HandshakeConfig, HeaderMode, Negotiated, ReplyHeader, StatusExtent,
 };
 use sparsekit_qcow2::{
-    Header, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions, Qcow2, RawHeader,
-    RawSnapshotHeader, RefcountTableEntry, Snapshot, StreamDecoder, StreamLimits, parse_directory,
+    GuestOffset, Header, HostCluster, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions,
+    Qcow2, RawHeader, RawSnapshotHeader, RefcountTableEntry, Snapshot, StreamDecoder, StreamLimits,
+    parse_directory,
 };
 
 /// The body of a fuzz target.
@@ -73,9 +74,7 @@ pub const STREAM_METADATA_CAP: u64 = 64 << 20;
 /// geometry.
 pub fn qcow2_header(data: &[u8]) {
     let _ = RawHeader::decode(data);
-    if let Some(b) = data.get(..RawSnapshotHeader::LEN) {
-        let _ = RawSnapshotHeader::decode(b);
-    }
+    let _ = RawSnapshotHeader::decode(data);
     let Ok(h) = Header::parse(data) else {
         return;
     };
@@ -105,8 +104,10 @@ pub fn qcow2_header(data: &[u8]) {
 
     let rest = &data[(h.header_length as usize).min(data.len())..];
     let nb = h.bitmaps.map_or(1, |b| b.nb_bitmaps);
-    let _ = parse_directory(rest, nb, h.cluster_bits, h.size, data.len() as u64);
-    let _ = Snapshot::parse(rest, 0, 0, h.cluster_bits, data.len() as u64);
+    let _ = parse_directory(rest, nb, h.cluster_bits, h.size);
+    if let Ok(s) = Snapshot::parse(rest, 0, 0) {
+        let _ = s.l1_problem(h.cluster_bits);
+    }
     let g = h.geometry();
     for (i, c) in rest.chunks_exact(16).take(64).enumerate() {
         let a = u64::from_be_bytes(c[..8].try_into().expect("8 bytes"));
@@ -117,7 +118,7 @@ pub fn qcow2_header(data: &[u8]) {
         if let Ok(m) = L2Mapping::decode(a, b, g) {
             let _ = m.has_host_data();
             for sc in 0..h.subclusters() as u32 {
-                let _ = m.subcluster(sc, h.subcluster_size(), g, i as u64);
+                let _ = m.subcluster(sc, h.subcluster_size(), g, GuestOffset(i as u64));
             }
         }
     }
@@ -147,21 +148,23 @@ fn write_image(data: &[u8]) -> &'static Path {
     p
 }
 
-fn open_untrusted(data: &[u8]) -> Option<Image> {
-    let opts = OpenOptions {
+fn untrusted() -> OpenOptions {
+    OpenOptions {
         no_backing: true,
         untrusted: true,
         ..OpenOptions::default()
-    };
-    Image::open_with(write_image(data), &opts).ok()
+    }
 }
 
-/// A whole image file: opened untrusted without its backing file, mapped
-/// (the map must cover the disk from 0, in order, without gaps), read
-/// where the map says the disk reads as zeros (it must), checked, and
-/// described.
+/// A whole image file: checked as damaged images are (the lenient open
+/// reads tables past the end of the file as zeros); then opened untrusted
+/// without its backing file, mapped (the map must cover the disk from 0,
+/// in order, without gaps), read where the map says the disk reads as
+/// zeros (it must), checked, and described.
 pub fn qcow2_image(data: &[u8]) {
-    let Some(img) = open_untrusted(data) else {
+    let path = write_image(data);
+    let _ = Qcow2::check_path(path, &untrusted());
+    let Ok(img) = Image::open_with(path, &untrusted()) else {
         return;
     };
     let q = img.top();
@@ -170,6 +173,7 @@ pub fn qcow2_image(data: &[u8]) {
     std::hint::black_box((q.header(), q.file_size(), q.cluster_size()));
     std::hint::black_box((q.l1_table().len(), q.refcount_table().len()));
     std::hint::black_box((img.layers().len(), img.backing_depth(), q.data_file_path()));
+    std::hint::black_box((img.file_ids(), img.files().count()));
 
     let mut at = 0;
     let mut zeros: Vec<Range<u64>> = Vec::new();
@@ -210,12 +214,12 @@ pub fn qcow2_image(data: &[u8]) {
     let _ = img.read_at(&mut buf[..1], size);
 
     for g in [0, size / 2, size.saturating_sub(1)] {
-        let _ = q.mapping(sparsekit_qcow2::GuestOffset(g));
-        let _ = q.subcluster_run(g, size - g.min(size));
-        let _ = q.layer_status(g, size - g.min(size));
+        let _ = q.mapping(GuestOffset(g));
+        let _ = q.subcluster_run(GuestOffset(g), size - g.min(size));
+        let _ = q.layer_status(GuestOffset(g), size - g.min(size));
     }
     for c in 0..4 {
-        let _ = q.refcount(c);
+        let _ = q.refcount(HostCluster(c));
     }
     let _ = q.metadata_preallocated();
     let _ = q.refcount_block_entries();

@@ -1,60 +1,16 @@
 //! A qcow2 image with its backing chain: the virtual disk a guest sees.
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
 use std::path::Path;
 
 use crate::entry::Subcluster;
 use crate::error::{Error, Result};
-use crate::image::{HostFile, LayerStatus, Qcow2, pread_zero_fill, resolve};
+use crate::image::{HostFile, LayerStatus, Qcow2, Within, pread_zero_fill, resolve};
 use crate::map::MapIter;
+use crate::open::{FileRole, Format, OpenOptions, OpenedFile, read_format};
 use crate::seek::{self, Region};
-
-/// Default cap on the number of images in a backing chain.
-pub const MAX_CHAIN_DEPTH: usize = 64;
-
-/// How [`Image::open_with`] opens a chain.
-#[derive(Debug, Clone)]
-pub struct OpenOptions {
-    /// Most images in the chain, the top one included.
-    pub max_depth: usize,
-    /// Read the top image alone: its backing file is not opened, and what
-    /// the image does not allocate reads as zeros.
-    pub no_backing: bool,
-    /// The image comes from an untrusted place: backing and data file
-    /// names that are absolute or lead out of the image's folder are
-    /// refused ([`crate::check_untrusted`]).
-    pub untrusted: bool,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            max_depth: MAX_CHAIN_DEPTH,
-            no_backing: false,
-            untrusted: false,
-        }
-    }
-}
-
-/// The format of a backing file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// A qcow2 image.
-    Qcow2,
-    /// A raw image.
-    Raw,
-}
-
-impl Format {
-    /// The name qemu uses: `qcow2` or `raw`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-        }
-    }
-}
+use crate::types::{GuestOffset, HostOffset};
 
 /// A raw image used as a backing file.
 #[derive(Debug)]
@@ -84,11 +40,12 @@ impl RawImage {
 
     fn status(&self, offset: u64, max: u64) -> Result<LayerStatus> {
         let end = (offset + max).min(self.virtual_size());
-        let r = seek::region_at(&self.host.file, offset, end).map_err(|source| Error::Read {
-            what: "allocation status (SEEK_DATA)",
-            offset,
-            source,
-        })?;
+        let r =
+            seek::region_at(&self.host.file, offset, end).map_err(|source| Error::SeekData {
+                path: self.host.path.clone(),
+                offset,
+                source,
+            })?;
         let (data, to) = match r {
             Region::Data(to) => (true, to),
             Region::Hole(to) => (false, to),
@@ -99,7 +56,7 @@ impl RawImage {
             zero: !data,
             allocated: true,
             compressed: false,
-            offset: Some(offset),
+            offset: Some(HostOffset(offset)),
         })
     }
 }
@@ -156,19 +113,37 @@ impl Image {
         Self::open_with(path, &OpenOptions::default())
     }
 
-    /// Opens with explicit options.
+    /// Opens with explicit options; `on_open` sees every file, the image
+    /// itself as [`FileRole::Top`].
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        let open = |p: &Path| {
-            if opts.untrusted {
-                Qcow2::open_untrusted(p)
-            } else {
-                Qcow2::open(p)
-            }
-        };
-        let top = open(path)?;
         let mut seen = HashSet::new();
-        seen.insert(file_id(path)?);
+        let host = opts
+            .open(path, FileRole::Top, Some(&mut seen))
+            .map_err(|e| e.in_file(path))?;
+        Self::open_chain(host, seen, opts)
+    }
+
+    /// Opens the qcow2 image the caller has open as `file`, and its
+    /// backing chain: one path, opened once (after the caller has probed
+    /// it with [`crate::probe`], say). `path` names the file in messages
+    /// and locates its backing and data files. `on_open` sees every other
+    /// file of the chain, not `file`. `file` is advised
+    /// `POSIX_FADV_RANDOM`, as every file the image reads tables from.
+    pub fn open_file(file: File, path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let host = HostFile::adopt(file, path).map_err(|e| e.in_file(path))?;
+        let seen = HashSet::from([host.id]);
+        Self::open_chain(host, seen, opts)
+    }
+
+    fn open_chain(
+        host: HostFile,
+        mut seen: HashSet<(u64, u64)>,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let path = host.path.clone();
+        let top = Qcow2::from_host(host, opts, 0, Within::File).map_err(|e| e.in_file(&path))?;
         let mut layers = vec![Layer::Qcow2(Box::new(top))];
         while let Some(Layer::Qcow2(q)) = layers.last() {
             let h = q.header();
@@ -196,28 +171,56 @@ impl Image {
                 crate::image::check_untrusted(&image_path, &name, "backing file").map_err(wrap)?;
             }
             let bpath = resolve(&image_path, &name, "backing file").map_err(wrap)?;
-            let id = file_id(&bpath).map_err(wrap)?;
-            if !seen.insert(id) {
-                return Err(wrap(Error::BackingLoop { path: bpath }));
-            }
-            let format = match h.backing_format.as_deref() {
-                Some("qcow2") => Format::Qcow2,
-                Some("raw") => Format::Raw,
+            let named = match h.backing_format.as_deref() {
+                Some("qcow2") => Some(Format::Qcow2),
+                Some("raw") => Some(Format::Raw),
                 Some(other) => {
                     return Err(wrap(Error::UnsupportedBackingFormat {
                         format: other.into(),
                     }));
                 }
-                None => probe(&bpath)?,
+                None => None,
+            };
+            let depth = layers.len();
+            let host = opts
+                .open(&bpath, FileRole::Backing(depth), Some(&mut seen))
+                .map_err(wrap)?;
+            let in_file = |e: Error| e.in_file(&bpath);
+            let format = match named {
+                Some(f) => f,
+                None => read_format(&host.file).map_err(in_file)?,
             };
             layers.push(match format {
-                Format::Qcow2 => Layer::Qcow2(Box::new(open(&bpath)?)),
-                Format::Raw => Layer::Raw(RawImage {
-                    host: HostFile::open(&bpath).map_err(|e| e.in_file(&bpath))?,
-                }),
+                Format::Qcow2 => Layer::Qcow2(Box::new(
+                    Qcow2::from_host(host, opts, depth, Within::File).map_err(in_file)?,
+                )),
+                Format::Raw => Layer::Raw(RawImage { host }),
             });
         }
         Ok(Image { layers })
+    }
+
+    /// Every file the image holds open, top first: each layer, and the
+    /// data file of each qcow2 layer that has one. Their (device, inode)
+    /// identities are [`Image::file_ids`].
+    pub fn files(&self) -> impl Iterator<Item = OpenedFile<'_>> {
+        self.layers.iter().enumerate().flat_map(
+            |(depth, l)| -> Box<dyn Iterator<Item = OpenedFile<'_>>> {
+                match l {
+                    Layer::Qcow2(q) => Box::new(q.files_at(depth)),
+                    Layer::Raw(r) => Box::new(std::iter::once(OpenedFile::of(
+                        &r.host,
+                        FileRole::Backing(depth),
+                    ))),
+                }
+            },
+        )
+    }
+
+    /// The (device, inode) of every file the image holds open: a copy
+    /// must not write to any of them.
+    pub fn file_ids(&self) -> Vec<(u64, u64)> {
+        self.files().map(|f| f.id).collect()
     }
 
     /// The image itself (layer 0).
@@ -246,13 +249,19 @@ impl Image {
     /// Block status of one layer at `offset`, including the zeros qemu's
     /// block layer adds for unallocated ranges without backing data
     /// (block/io.c, `bdrv_co_do_block_status`).
-    pub(crate) fn layer_status(&self, depth: usize, offset: u64, max: u64) -> Result<LayerStatus> {
+    pub(crate) fn layer_status(
+        &self,
+        depth: usize,
+        guest: GuestOffset,
+        max: u64,
+    ) -> Result<LayerStatus> {
+        let offset = guest.0;
         let layer = &self.layers[depth];
         // The block layer clamps every request to the node's length.
         let max = max.min(layer.virtual_size().saturating_sub(offset));
         let mut st = match layer {
             Layer::Qcow2(q) => q
-                .layer_status(offset, max)
+                .layer_status(guest, max)
                 .map_err(|e| e.in_file(q.path()))?,
             Layer::Raw(r) => r.status(offset, max).map_err(|e| e.in_file(r.path()))?,
         };
@@ -319,11 +328,11 @@ impl Image {
         while done < buf.len() {
             let pos = offset + done as u64;
             let want = (buf.len() - done) as u64;
-            let (sc, len) = q.subcluster_run(pos, want)?;
+            let (sc, len) = q.subcluster_run(GuestOffset(pos), want)?;
             let len = len.min(want) as usize;
             let chunk = &mut buf[done..done + len];
             match sc {
-                Subcluster::Normal(h) => q.read_host(chunk, h.0)?,
+                Subcluster::Normal(h) => q.read_host(chunk, h)?,
                 Subcluster::ZeroPlain | Subcluster::ZeroAlloc(_) => chunk.fill(0),
                 Subcluster::UnallocatedPlain | Subcluster::UnallocatedAlloc(_) => {
                     match self.layers.get(depth + 1) {
@@ -345,26 +354,4 @@ impl Image {
         }
         Ok(())
     }
-}
-
-/// (device, inode) of a file, to notice loops.
-fn file_id(path: &Path) -> Result<(u64, u64)> {
-    let m = std::fs::metadata(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok((m.dev(), m.ino()))
-}
-
-/// Probes a backing file's format by its magic, for images that do not
-/// name it.
-fn probe(path: &Path) -> Result<Format> {
-    let f = HostFile::open(path)?;
-    let mut magic = [0u8; 4];
-    pread_zero_fill(&f.file, &mut magic, 0, "magic")?;
-    Ok(if u32::from_be_bytes(magic) == crate::header::MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
 }

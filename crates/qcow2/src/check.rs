@@ -4,13 +4,18 @@
 //! stored in the image.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::bitmap::{BitmapTableEntry, parse_directory};
 use crate::entry::{L1Entry, L2Entry, RefcountTableEntry};
-use crate::error::Result;
-use crate::image::{Qcow2, pread_zero_fill, refcount_in_block};
+use crate::error::{Error, Result};
+use crate::image::{HostFile, Qcow2, Within, pread_zero_fill};
+use crate::open::{FileRole, OpenOptions};
+use crate::snapshot::Snapshot;
+use crate::types::HostCluster;
 use crate::types::be64;
 
 /// Most messages a [`CheckResult`] keeps; past it they are counted in
@@ -349,66 +354,123 @@ impl Checker<'_> {
     }
 
     /// The bitmap directory, tables and data clusters
-    /// (`qcow2_check_bitmaps_refcounts`).
-    fn bitmaps(&mut self) {
+    /// (`qcow2_check_bitmaps_refcounts`). A directory or bitmap table
+    /// that does not load stops the check, as it stops qemu's ("Check
+    /// failed"); a table past the end of the file reads as zeros.
+    fn bitmaps(&mut self) -> Result<()> {
         let q = self.q;
         let h = q.header();
         let Some(ext) = h.bitmaps.filter(|b| b.consistent) else {
-            return;
+            return Ok(());
         };
         self.inc(ext.directory_offset.0, ext.directory_size);
-        let Some(dir) = self.read(
+        // At most 64 MiB (Header::parse).
+        let mut dir = vec![0; ext.directory_size as usize];
+        pread_zero_fill(
+            q.file(),
+            &mut dir,
             ext.directory_offset.0,
-            ext.directory_size,
             "bitmap directory",
-        ) else {
-            return;
-        };
-        let list =
-            match parse_directory(&dir, ext.nb_bitmaps, h.cluster_bits, h.size, self.file_len) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.corrupt(|| format!("ERROR: {e}"));
-                    return;
-                }
-            };
+        )?;
+        let list = parse_directory(&dir, ext.nb_bitmaps, h.cluster_bits, h.size)?;
         for b in list {
+            // At most 64 MiB (parse_directory).
             let bytes = u64::from(b.table_size) * 8;
             self.inc(b.table_offset.0, bytes);
-            let Some(t) = self.read(b.table_offset.0, bytes, "bitmap table") else {
-                self.res.corruptions += 1;
-                break;
-            };
-            for c in t.chunks_exact(8) {
+            let mut table = vec![0; bytes as usize];
+            pread_zero_fill(q.file(), &mut table, b.table_offset.0, "bitmap table")?;
+            for c in table.chunks_exact(8) {
                 let e = BitmapTableEntry(be64(c, 0));
-                match e.decode(h.cluster_bits) {
-                    Err(_) => self.corrupt(|| {
-                        format!("ERROR: bitmap {:?}: bad table entry {:#x}", b.name, e.0)
-                    }),
-                    Ok(crate::bitmap::BitmapCluster::Stored(o)) => self.inc(o.0, self.cluster_size),
-                    Ok(_) => {}
+                let cluster = e
+                    .decode(h.cluster_bits)
+                    .map_err(|problem| Error::BadBitmap {
+                        name: b.name.clone(),
+                        problem,
+                        value: e.0,
+                    })?;
+                if let crate::bitmap::BitmapCluster::Stored(o) = cluster {
+                    self.inc(o.0, self.cluster_size);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The snapshots' L1 tables, walked once per distinct table (see
+    /// `check`), and the snapshot table itself (qemu's
+    /// `calculate_refcounts` and `qcow2_check_read_snapshot_table`).
+    fn snapshots(&mut self, snapshots: &[Snapshot]) {
+        let h = self.q.header();
+        if h.has_data_file() && !snapshots.is_empty() {
+            self.corrupt(|| {
+                format!(
+                    "ERROR {} snapshots in image with data file",
+                    snapshots.len()
+                )
+            });
+        }
+        // Version 3 entries carry at least the 64-bit VM state size and
+        // the disk size.
+        if h.version >= 3 {
+            for (i, s) in snapshots.iter().enumerate() {
+                if s.extra_data_size < 16 {
+                    self.corrupt(|| format!("ERROR snapshot table entry {i} is incomplete"));
+                }
+            }
+        }
+        // qemu walks each snapshot's tables anew; a table shared by many is
+        // walked once here, its references counted as often (same counts).
+        let mut l1s: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+        for s in snapshots {
+            if let Some(problem) = s.l1_problem(h.cluster_bits) {
+                self.corrupt(|| format!("ERROR {problem}"));
+                continue;
+            }
+            *l1s.entry((s.l1_table_offset.0, s.l1_size.into()))
+                .or_default() += 1;
+        }
+        let mut l2s = BTreeMap::new();
+        for ((offset, entries), times) in l1s {
+            self.times = times;
+            self.l1(offset, entries, Some(&mut l2s));
+        }
+        for (offset, times) in l2s {
+            self.times = times;
+            self.l2(offset, false);
+        }
+        self.times = 1;
+        // Entries are padded to 8 bytes between them, not after the last.
+        let table_len = snapshots
+            .last()
+            .map_or(0, |s| s.entry_offset.0 + s.entry_len - h.snapshots_offset.0);
+        self.inc(h.snapshots_offset.0, table_len);
     }
 
     /// qemu's `check_refblocks`.
     fn refblocks(&mut self, nb_clusters: u64) {
-        let table_offset = self.q.header().refcount_table_offset.0;
+        let h = self.q.header();
+        let table_offset = h.refcount_table_offset.0;
         for (i, e) in self.q.refcount_table().iter().enumerate() {
-            if e.0 & RefcountTableEntry::RESERVED_MASK != 0 {
-                self.corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
-                continue;
+            match e.validate(h.cluster_bits) {
+                Ok(()) => {}
+                Err(RefcountTableEntry::RESERVED_BITS_SET) => {
+                    self.corrupt(|| {
+                        format!("ERROR refcount table entry {i} has reserved bits set")
+                    });
+                    continue;
+                }
+                Err(_) => {
+                    self.corrupt(|| format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                    ));
+                    continue;
+                }
             }
-            let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-            if !off.is_multiple_of(self.cluster_size) {
-                self.corrupt(|| format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
+            let Some(block) = e.block_offset() else {
                 continue;
-            }
-            let cluster = off / self.cluster_size;
-            if cluster >= nb_clusters {
+            };
+            let cluster = HostCluster::containing(block, h.cluster_bits);
+            if cluster.0 >= nb_clusters {
                 self.corrupt(|| {
                     format!(
                         "ERROR refcount block {i} is outside image (table at {table_offset:#x})"
@@ -416,55 +478,23 @@ impl Checker<'_> {
                 });
                 continue;
             }
-            if off != 0 {
-                self.inc(off, self.cluster_size);
-                let c = self.counts.get(cluster);
-                if c != 1 {
-                    self.corrupt(|| format!("ERROR refcount block {i} refcount={c}"));
-                }
+            self.inc(block.0, self.cluster_size);
+            let c = self.counts.get(cluster.0);
+            if c != 1 {
+                self.corrupt(|| format!("ERROR refcount block {i} refcount={c}"));
             }
         }
     }
 
-    /// The refcount stored in the image for every cluster of the file
-    /// (qemu's `qcow2_get_refcount`), one refcount block at a time.
+    /// The refcount stored in the image for every cluster of the file,
+    /// as qemu's `qcow2_get_refcount` reads it, against the count.
     fn compare(&mut self, nb_clusters: u64) -> u64 {
-        let q = self.q;
-        let per_block = q.refcount_block_entries();
-        let order = q.header().refcount_order;
         let mut highest = 0;
-        let mut block: Option<(u64, Option<Vec<u8>>)> = None;
         for i in 0..nb_clusters {
-            let ti = i / per_block;
-            if block.as_ref().is_none_or(|(t, _)| *t != ti) {
-                let data = match q.refcount_table().get(ti as usize) {
-                    None => None,
-                    Some(e) => {
-                        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-                        if off == 0 {
-                            None
-                        } else if !off.is_multiple_of(self.cluster_size) {
-                            Some(Vec::new())
-                        } else {
-                            Some(
-                                self.read(off, self.cluster_size, "refcount block")
-                                    .unwrap_or_default(),
-                            )
-                        }
-                    }
-                };
-                block = Some((ti, data));
-            }
-            let stored = match &block {
-                Some((_, None)) | None => 0,
-                Some((_, Some(b))) if b.is_empty() => {
-                    self.res.check_errors += 1;
-                    self.message(|| {
-                        format!("Can't get refcount for cluster {i}: Input/output error")
-                    });
-                    continue;
-                }
-                Some((_, Some(b))) => refcount_in_block(b, i % per_block, order),
+            let Ok(stored) = self.stored_refcount(i) else {
+                self.res.check_errors += 1;
+                self.message(|| format!("Can't get refcount for cluster {i}: Input/output error"));
+                continue;
             };
             let counted = self.counts.get(i);
             if stored > 0 || counted > 0 {
@@ -533,7 +563,7 @@ impl Checker<'_> {
                 } else {
                     match self.stored_refcount(off / self.cluster_size) {
                         Ok(rc) => rc,
-                        Err(()) => continue,
+                        Err(_) => continue,
                     }
                 };
                 if (rc == 1) != (e & L2Entry::COPIED != 0) {
@@ -545,31 +575,48 @@ impl Checker<'_> {
         }
     }
 
-    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, ()> {
-        let q = self.q;
-        let per_block = q.refcount_block_entries();
-        let Some(e) = q.refcount_table().get((cluster / per_block) as usize) else {
-            return Ok(0);
-        };
-        let off = e.0 & RefcountTableEntry::OFFSET_MASK;
-        if off == 0 {
-            return Ok(0);
-        }
-        if !off.is_multiple_of(self.cluster_size) {
-            return Err(());
-        }
-        let b = self
-            .read(off, self.cluster_size, "refcount block")
-            .ok_or(())?;
-        Ok(refcount_in_block(
-            &b,
-            cluster % per_block,
-            q.header().refcount_order,
-        ))
+    /// The refcount of host cluster `cluster`; refcount blocks past the
+    /// end of the file read as zeros, as qemu reads them.
+    fn stored_refcount(&self, cluster: u64) -> Result<u64> {
+        self.q.refcount_read(HostCluster(cluster), Within::ZeroFill)
     }
 }
 
 impl Qcow2 {
+    /// Opens the image at `path` and checks it like `qemu-img check`: the
+    /// entry point for damaged images. The active L1 table, the refcount
+    /// table, the snapshot table and bitmap tables may lie beyond the end
+    /// of the file (they read as zeros, as qemu reads them) and are
+    /// reported as corruptions, their clusters as leaks; [`Qcow2::open`]
+    /// would refuse such an image. Only a header that does not parse, a
+    /// data file that does not open, or a table that stops qemu's check
+    /// too is an error. `opts.untrusted` applies to the data file name;
+    /// the backing chain is not opened.
+    pub fn check_path(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<CheckResult> {
+        let path = path.as_ref();
+        let check = || {
+            let host = opts.open(path, FileRole::Top, None)?;
+            Self::from_host(host, opts, 0, Within::ZeroFill)?.check()
+        };
+        check().map_err(|e| e.in_file(path))
+    }
+
+    /// [`Qcow2::check_path`] of the image the caller has open as `file`
+    /// (`path` names it and locates its data file; `on_open` is not
+    /// called for `file`).
+    pub fn check_file(
+        file: File,
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+    ) -> Result<CheckResult> {
+        let path = path.as_ref();
+        let check = || {
+            let host = HostFile::adopt(file, path)?;
+            Self::from_host(host, opts, 0, Within::ZeroFill)?.check()
+        };
+        check().map_err(|e| e.in_file(path))
+    }
+
     /// Checks the image like `qemu-img check` (without repairing): every
     /// reference from the header, active and snapshot L1/L2 tables,
     /// refcount table and blocks, snapshot table and bitmaps is counted,
@@ -581,7 +628,14 @@ impl Qcow2 {
     /// tables are referenced over and over (which `qemu-img check` walks
     /// again for each reference) stops there with a check error. The
     /// result's counters match `qemu-img check --output=json`.
+    ///
+    /// An error is a check that could not run (qemu-img's "Check failed",
+    /// exit status 1, no result printed): a snapshot table or bitmap
+    /// directory that does not load.
     pub fn check(&self) -> Result<CheckResult> {
+        // Read first: a table that does not load stops the check before
+        // anything is counted, as qemu reads it before counting.
+        let snapshots = self.snapshots_for_check()?;
         let h = self.header();
         let cluster_size = h.cluster_size();
         let file_len = self.file_size().next_multiple_of(512);
@@ -614,46 +668,9 @@ impl Qcow2 {
         // The header cluster.
         c.inc(0, cluster_size);
         c.l1(h.l1_table_offset.0, h.l1_size.into(), None);
-        let snapshots = match self.snapshots() {
-            Ok(s) => s,
-            Err(e) => {
-                c.res.check_errors += 1;
-                c.message(|| format!("ERROR: {e}"));
-                Vec::new()
-            }
-        };
-        if h.has_data_file() && !snapshots.is_empty() {
-            c.corrupt(|| {
-                format!(
-                    "ERROR {} snapshots in image with data file",
-                    snapshots.len()
-                )
-            });
-        }
-        // qemu walks the tables of each snapshot anew. The same L1 table
-        // (offset and size) and the same L2 table are walked once here,
-        // their references counted as often as they are referenced: the
-        // same counts, without the time a hostile image asks for by
-        // pointing thousands of snapshots at one large table.
-        let mut l1s: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-        for s in &snapshots {
-            *l1s.entry((s.l1_table_offset.0, s.l1_size.into()))
-                .or_default() += 1;
-        }
-        let mut l2s = BTreeMap::new();
-        for ((offset, entries), times) in l1s {
-            c.times = times;
-            c.l1(offset, entries, Some(&mut l2s));
-        }
-        for (offset, times) in l2s {
-            c.times = times;
-            c.l2(offset, false);
-        }
-        c.times = 1;
-        let table_len: u64 = snapshots.iter().map(|s| s.entry_len).sum();
-        c.inc(h.snapshots_offset.0, table_len);
+        c.snapshots(&snapshots);
         c.inc(h.refcount_table_offset.0, h.refcount_table_bytes());
-        c.bitmaps();
+        c.bitmaps()?;
         let nb = nb_clusters.max(c.counts.small.len() as u64);
         c.refblocks(nb);
         let nb = nb.max(c.counts.small.len() as u64);

@@ -1,7 +1,7 @@
 //! Bit-packed table entries (qcow2.rst, "Cluster mapping", "Extended L2
 //! Entries", "Host cluster management").
 
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 /// Geometry an L2 entry is decoded against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +59,34 @@ impl RefcountTableEntry {
     /// Bits 0-8: reserved, zero.
     pub const RESERVED_MASK: u64 = 0x1ff;
 
+    /// What [`RefcountTableEntry::validate`] says of reserved bits.
+    pub const RESERVED_BITS_SET: &'static str = "reserved bits set";
+    /// What it says of a refcount block offset that is not aligned.
+    pub const BLOCK_MISALIGNED: &'static str = "refcount block offset not cluster aligned";
+
     /// The refcount block offset, `None` when unallocated.
     pub fn block_offset(self) -> Option<HostOffset> {
         let o = self.0 & Self::OFFSET_MASK;
         (o != 0).then_some(HostOffset(o))
+    }
+
+    /// Checks reserved bits and alignment, the two faults `qemu-img check`
+    /// reports in a refcount table; returns what is wrong.
+    pub fn validate(self, cluster_bits: u32) -> Result<(), &'static str> {
+        if self.0 & Self::RESERVED_MASK != 0 {
+            return Err(Self::RESERVED_BITS_SET);
+        }
+        self.block(cluster_bits).map(drop)
+    }
+
+    /// The refcount block as a lookup reads it (qemu's
+    /// `qcow2_get_refcount`): reserved bits are not looked at, a
+    /// misaligned offset is an error, `None` is unallocated.
+    pub fn block(self, cluster_bits: u32) -> Result<Option<HostOffset>, &'static str> {
+        match self.block_offset() {
+            Some(o) if o.0 & ((1 << cluster_bits) - 1) != 0 => Err(Self::BLOCK_MISALIGNED),
+            b => Ok(b),
+        }
     }
 }
 
@@ -246,8 +270,14 @@ impl L2Mapping {
 
     /// What subcluster `sc` reads as; `sc_size` is the subcluster size.
     /// Applies the raw external data file rule: unallocated reads the
-    /// data file at the guest offset `guest_cluster`.
-    pub fn subcluster(self, sc: u32, sc_size: u64, g: Geometry, guest_cluster: u64) -> Subcluster {
+    /// data file at the guest offset of the cluster, `guest_cluster`.
+    pub fn subcluster(
+        self,
+        sc: u32,
+        sc_size: u64,
+        g: Geometry,
+        guest_cluster: GuestOffset,
+    ) -> Subcluster {
         let s = match self {
             L2Mapping::Unallocated => Subcluster::UnallocatedPlain,
             L2Mapping::Zero { host: None } => Subcluster::ZeroPlain,
@@ -279,7 +309,8 @@ impl L2Mapping {
             }
         };
         if g.data_file_raw && s == Subcluster::UnallocatedPlain {
-            return Subcluster::Normal(HostOffset(guest_cluster + u64::from(sc) * sc_size));
+            // The raw data file holds the disk as is: host offset = guest.
+            return Subcluster::Normal(HostOffset(guest_cluster.0 + u64::from(sc) * sc_size));
         }
         s
     }
@@ -325,6 +356,28 @@ mod tests {
             Err("L2 table offset not cluster aligned")
         );
         assert_eq!(L1Entry(0).l2_offset(), None);
+    }
+
+    #[test]
+    fn refcount_table_entries() {
+        let e = |v| RefcountTableEntry(v);
+        assert_eq!(e(0x3_0000).validate(16), Ok(()));
+        assert_eq!(e(0x3_0000).block(16), Ok(Some(HostOffset(0x30000))));
+        assert_eq!(e(0).block(16), Ok(None));
+        // Reserved bits: a fault to report, not one that stops a lookup.
+        assert_eq!(
+            e(0x3_0001).validate(16),
+            Err(RefcountTableEntry::RESERVED_BITS_SET)
+        );
+        assert_eq!(e(0x3_0001).block(16), Ok(Some(HostOffset(0x30000))));
+        assert_eq!(
+            e(0x3_0200).block(16),
+            Err(RefcountTableEntry::BLOCK_MISALIGNED)
+        );
+        assert_eq!(
+            e(0x3_0200).validate(16),
+            Err(RefcountTableEntry::BLOCK_MISALIGNED)
+        );
     }
 
     #[test]
@@ -401,15 +454,15 @@ mod tests {
         let m = L2Mapping::decode(0x8000_0000_0005_0000, bm, g).unwrap();
         let sc = 2048;
         assert_eq!(
-            m.subcluster(0, sc, g, 0),
+            m.subcluster(0, sc, g, GuestOffset(0)),
             Subcluster::Normal(HostOffset(0x50000))
         );
         assert_eq!(
-            m.subcluster(1, sc, g, 0),
+            m.subcluster(1, sc, g, GuestOffset(0)),
             Subcluster::ZeroAlloc(HostOffset(0x50800))
         );
         assert_eq!(
-            m.subcluster(2, sc, g, 0),
+            m.subcluster(2, sc, g, GuestOffset(0)),
             Subcluster::UnallocatedAlloc(HostOffset(0x51000))
         );
         assert!(m.has_host_data());
@@ -419,8 +472,14 @@ mod tests {
         assert!(L2Mapping::decode(0, 1, g).is_err());
         // Zero-only bitmap without host cluster.
         let m = L2Mapping::decode(0, 1 << 63, g).unwrap();
-        assert_eq!(m.subcluster(31, sc, g, 0), Subcluster::ZeroPlain);
-        assert_eq!(m.subcluster(30, sc, g, 0), Subcluster::UnallocatedPlain);
+        assert_eq!(
+            m.subcluster(31, sc, g, GuestOffset(0)),
+            Subcluster::ZeroPlain
+        );
+        assert_eq!(
+            m.subcluster(30, sc, g, GuestOffset(0)),
+            Subcluster::UnallocatedPlain
+        );
         assert!(!m.has_host_data());
         // The standard zero bit is reserved with extended L2 entries.
         assert!(L2Mapping::decode(1, 0, g).is_err());
@@ -445,7 +504,7 @@ mod tests {
         };
         let m = L2Mapping::decode(0, 0, raw).unwrap();
         assert_eq!(
-            m.subcluster(0, 65536, raw, 0x70000),
+            m.subcluster(0, 65536, raw, GuestOffset(0x70000)),
             Subcluster::Normal(HostOffset(0x70000))
         );
     }

@@ -28,13 +28,54 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Reading (pread, fstat, lseek) failed.
+    /// The caller's [`crate::OnOpen`] hook refused a file.
+    #[error("{role} {}", path.display())]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// What it is to the image.
+        role: crate::FileRole,
+        /// The caller's error.
+        #[source]
+        source: crate::HookError,
+    },
+    /// Reading (pread) failed.
     #[error("reading {what} at {offset:#x}")]
     Read {
         /// What was being read.
         what: &'static str,
         /// Where.
         offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Asking a file for its size, identity or allocation (fstat) failed.
+    #[error("asking for the {what} of the file (fstat)")]
+    Stat {
+        /// What was asked for.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Asking where a host file has data (lseek SEEK_DATA / SEEK_HOLE)
+    /// failed.
+    #[error("finding data in {} at {offset:#x} (SEEK_DATA)", path.display())]
+    SeekData {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing output the caller gave failed.
+    #[error("writing the {what}")]
+    Write {
+        /// What was being written.
+        what: &'static str,
         /// The cause.
         #[source]
         source: io::Error,

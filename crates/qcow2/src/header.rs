@@ -5,15 +5,18 @@
 //! [`Header`] is the validated type built by [`Header::parse`] from the
 //! first cluster of the file, without I/O.
 
+use zerocopy::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 use crate::error::{Error, Result};
-use crate::types::{HostOffset, be32, be64};
+use crate::types::HostOffset;
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
-/// Length of a version 2 header.
-pub const V2_HEADER_LEN: usize = 72;
+/// Length of a version 2 header: up to `incompatible_features`.
+pub const V2_HEADER_LEN: usize = std::mem::offset_of!(RawHeader, incompatible_features);
 /// Minimum length of a version 3 header (through `header_length`).
-pub const V3_HEADER_LEN: usize = 104;
+pub const V3_HEADER_LEN: usize = size_of::<RawHeader>();
 /// Smallest `cluster_bits` (512-byte clusters).
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest `cluster_bits` qemu opens (2 MiB clusters).
@@ -76,47 +79,52 @@ pub mod autoclear {
 /// The fixed part of the header, as stored (big-endian), for versions 2
 /// and 3. Version 2 headers stop after `snapshots_offset`; the later
 /// fields then read as their version 2 defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
 pub struct RawHeader {
     /// Bytes 0-3: `QFI\xfb`.
-    pub magic: u32,
+    pub magic: U32,
     /// Bytes 4-7: 2 or 3.
-    pub version: u32,
+    pub version: U32,
     /// Bytes 8-15: offset of the backing file name, 0 for none.
-    pub backing_file_offset: u64,
+    pub backing_file_offset: U64,
     /// Bytes 16-19: length of the backing file name.
-    pub backing_file_size: u32,
+    pub backing_file_size: U32,
     /// Bytes 20-23: log2 of the cluster size.
-    pub cluster_bits: u32,
+    pub cluster_bits: U32,
     /// Bytes 24-31: virtual disk size in bytes.
-    pub size: u64,
+    pub size: U64,
     /// Bytes 32-35: 0 none, 1 AES, 2 LUKS.
-    pub crypt_method: u32,
+    pub crypt_method: U32,
     /// Bytes 36-39: entries in the active L1 table.
-    pub l1_size: u32,
+    pub l1_size: U32,
     /// Bytes 40-47: offset of the active L1 table.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: U64,
     /// Bytes 48-55: offset of the refcount table.
-    pub refcount_table_offset: u64,
+    pub refcount_table_offset: U64,
     /// Bytes 56-59: clusters the refcount table occupies.
-    pub refcount_table_clusters: u32,
+    pub refcount_table_clusters: U32,
     /// Bytes 60-63: number of internal snapshots.
-    pub nb_snapshots: u32,
+    pub nb_snapshots: U32,
     /// Bytes 64-71: offset of the snapshot table.
-    pub snapshots_offset: u64,
+    pub snapshots_offset: U64,
     /// Bytes 72-79 (v3): incompatible features.
-    pub incompatible_features: u64,
+    pub incompatible_features: U64,
     /// Bytes 80-87 (v3): compatible features.
-    pub compatible_features: u64,
+    pub compatible_features: U64,
     /// Bytes 88-95 (v3): auto-clear features.
-    pub autoclear_features: u64,
+    pub autoclear_features: U64,
     /// Bytes 96-99 (v3): log2 of the refcount width in bits.
-    pub refcount_order: u32,
+    pub refcount_order: U32,
     /// Bytes 100-103 (v3): length of the header structure.
-    pub header_length: u32,
+    pub header_length: U32,
 }
 
-const _: () = assert!(V3_HEADER_LEN == 104 && V2_HEADER_LEN == 72);
+// qcow2.rst: a version 2 header is 72 bytes, version 3 adds fields up to
+// byte 103, and the compression type is byte 104.
+const _: () = assert!(size_of::<RawHeader>() == 104);
+const _: () = assert!(std::mem::offset_of!(RawHeader, incompatible_features) == 72);
+const _: () = assert!(std::mem::offset_of!(RawHeader, l1_table_offset) == 40);
 
 impl RawHeader {
     /// Decodes the fixed fields; `buf` must hold at least 72 bytes, and 104
@@ -128,49 +136,76 @@ impl RawHeader {
                 available: buf.len(),
             });
         }
-        let magic = be32(buf, 0);
-        if magic != MAGIC {
-            return Err(Error::BadMagic { found: magic });
+        let mut fixed = [0u8; V3_HEADER_LEN];
+        let n = buf.len().min(V3_HEADER_LEN);
+        fixed[..n].copy_from_slice(&buf[..n]);
+        let mut raw: RawHeader = zerocopy::transmute!(fixed);
+        if raw.magic.get() != MAGIC {
+            return Err(Error::BadMagic {
+                found: raw.magic.get(),
+            });
         }
-        let version = be32(buf, 4);
-        let needed = if version >= 3 {
-            V3_HEADER_LEN
-        } else {
-            V2_HEADER_LEN
-        };
+        let v3 = raw.version.get() >= 3;
+        let needed = if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN };
         if buf.len() < needed {
             return Err(Error::TruncatedHeader {
                 needed,
                 available: buf.len(),
             });
         }
-        let v3 = version >= 3;
-        Ok(RawHeader {
-            magic,
-            version,
-            backing_file_offset: be64(buf, 8),
-            backing_file_size: be32(buf, 16),
-            cluster_bits: be32(buf, 20),
-            size: be64(buf, 24),
-            crypt_method: be32(buf, 32),
-            l1_size: be32(buf, 36),
-            l1_table_offset: be64(buf, 40),
-            refcount_table_offset: be64(buf, 48),
-            refcount_table_clusters: be32(buf, 56),
-            nb_snapshots: be32(buf, 60),
-            snapshots_offset: be64(buf, 64),
-            incompatible_features: if v3 { be64(buf, 72) } else { 0 },
-            compatible_features: if v3 { be64(buf, 80) } else { 0 },
-            autoclear_features: if v3 { be64(buf, 88) } else { 0 },
-            refcount_order: if v3 { be32(buf, 96) } else { 4 },
-            header_length: if v3 {
-                be32(buf, 100)
-            } else {
-                V2_HEADER_LEN as u32
-            },
-        })
+        if !v3 {
+            // What follows a version 2 header is its extensions.
+            raw.incompatible_features = U64::ZERO;
+            raw.compatible_features = U64::ZERO;
+            raw.autoclear_features = U64::ZERO;
+            raw.refcount_order = U32::new(4);
+            raw.header_length = U32::new(V2_HEADER_LEN as u32);
+        }
+        Ok(raw)
     }
 }
+
+/// The header of a header extension, as stored.
+#[derive(Debug, Clone, Copy, FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct RawExtensionHeader {
+    /// Bytes 0-3: the extension type.
+    kind: U32,
+    /// Bytes 4-7: length of its data, not counting padding to 8.
+    len: U32,
+}
+
+const _: () = assert!(size_of::<RawExtensionHeader>() == 8);
+
+/// The data of the bitmaps extension, as stored.
+#[derive(Debug, Clone, Copy, FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct RawBitmapsExtension {
+    /// Bytes 0-3: number of bitmaps.
+    nb_bitmaps: U32,
+    /// Bytes 4-7: reserved, zero.
+    reserved: U32,
+    /// Bytes 8-15: size of the bitmap directory.
+    directory_size: U64,
+    /// Bytes 16-23: offset of the bitmap directory.
+    directory_offset: U64,
+}
+
+const _: () = assert!(size_of::<RawBitmapsExtension>() == 24);
+
+/// One entry of the feature name table, as stored.
+#[derive(Debug, Clone, Copy, FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct RawFeatureName {
+    /// Byte 0: 0 incompatible, 1 compatible, 2 auto-clear.
+    kind: u8,
+    /// Byte 1: bit number.
+    bit: u8,
+    /// Bytes 2-47: the name, zero padded.
+    name: [u8; 46],
+}
+
+const _: () = assert!(size_of::<RawFeatureName>() == 48);
 
 /// How compressed clusters are compressed (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,15 +341,15 @@ impl Header {
     /// against the file size are [`Header::check_file_size`]'s.
     pub fn parse(buf: &[u8]) -> Result<Self> {
         let raw = RawHeader::decode(buf)?;
-        if raw.version != 2 && raw.version != 3 {
-            return Err(bad("version", raw.version.into(), "2 or 3"));
+        if raw.version.get() != 2 && raw.version.get() != 3 {
+            return Err(bad("version", raw.version.get().into(), "2 or 3"));
         }
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&raw.cluster_bits) {
-            return Err(bad("cluster_bits", raw.cluster_bits.into(), "9..=21"));
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&raw.cluster_bits.get()) {
+            return Err(bad("cluster_bits", raw.cluster_bits.get().into(), "9..=21"));
         }
-        let cluster_size = 1u64 << raw.cluster_bits;
-        if raw.version == 3 {
-            let hl = u64::from(raw.header_length);
+        let cluster_size = 1u64 << raw.cluster_bits.get();
+        if raw.version.get() == 3 {
+            let hl = u64::from(raw.header_length.get());
             if hl < V3_HEADER_LEN as u64 || hl % 8 != 0 || hl > cluster_size {
                 return Err(bad(
                     "header_length",
@@ -322,19 +357,23 @@ impl Header {
                     "a multiple of 8, at least 104, at most the cluster size",
                 ));
             }
-            if buf.len() < raw.header_length as usize {
+            if buf.len() < raw.header_length.get() as usize {
                 return Err(Error::TruncatedHeader {
-                    needed: raw.header_length as usize,
+                    needed: raw.header_length.get() as usize,
                     available: buf.len(),
                 });
             }
         }
-        if raw.refcount_order > 6 {
-            return Err(bad("refcount_order", raw.refcount_order.into(), "0..=6"));
+        if raw.refcount_order.get() > 6 {
+            return Err(bad(
+                "refcount_order",
+                raw.refcount_order.get().into(),
+                "0..=6",
+            ));
         }
-        if raw.crypt_method != 0 {
+        if raw.crypt_method.get() != 0 {
             return Err(Error::Encrypted {
-                reason: if raw.crypt_method == 1 {
+                reason: if raw.crypt_method.get() == 1 {
                     "crypt_method 1, AES"
                 } else {
                     "crypt_method is not 0"
@@ -343,13 +382,13 @@ impl Header {
         }
         // Size: qemu refuses sizes whose cluster count overflows; 2^62 keeps
         // every offset computation below in u64.
-        if raw.size > 1 << 62 {
-            return Err(bad("size", raw.size, "at most 2^62"));
+        if raw.size.get() > 1 << 62 {
+            return Err(bad("size", raw.size.get(), "at most 2^62"));
         }
         for (field, off) in [
-            ("l1_table_offset", raw.l1_table_offset),
-            ("refcount_table_offset", raw.refcount_table_offset),
-            ("snapshots_offset", raw.snapshots_offset),
+            ("l1_table_offset", raw.l1_table_offset.get()),
+            ("refcount_table_offset", raw.refcount_table_offset.get()),
+            ("snapshots_offset", raw.snapshots_offset.get()),
         ] {
             if off % cluster_size != 0 {
                 return Err(bad(field, off, "aligned to a cluster"));
@@ -358,41 +397,41 @@ impl Header {
                 return Err(bad(field, off, "below 2^56"));
             }
         }
-        if u64::from(raw.l1_size) * 8 > MAX_L1_BYTES {
+        if u64::from(raw.l1_size.get()) * 8 > MAX_L1_BYTES {
             return Err(bad(
                 "l1_size",
-                raw.l1_size.into(),
+                raw.l1_size.get().into(),
                 "at most 32 MiB of entries",
             ));
         }
-        let l2_entries_bits = raw.cluster_bits
-            - if raw.incompatible_features & incompat::EXTENDED_L2 != 0 {
+        let l2_entries_bits = raw.cluster_bits.get()
+            - if raw.incompatible_features.get() & incompat::EXTENDED_L2 != 0 {
                 4
             } else {
                 3
             };
-        let l1_span = 1u64 << (raw.cluster_bits + l2_entries_bits);
-        let needed = raw.size.div_ceil(l1_span);
-        if needed > u64::from(raw.l1_size) {
+        let l1_span = 1u64 << (raw.cluster_bits.get() + l2_entries_bits);
+        let needed = raw.size.get().div_ceil(l1_span);
+        if needed > u64::from(raw.l1_size.get()) {
             return Err(bad(
                 "l1_size",
-                raw.l1_size.into(),
+                raw.l1_size.get().into(),
                 "large enough for the virtual size",
             ));
         }
-        if raw.refcount_table_clusters == 0
-            || u64::from(raw.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES
+        if raw.refcount_table_clusters.get() == 0
+            || u64::from(raw.refcount_table_clusters.get()) * cluster_size > MAX_REFTABLE_BYTES
         {
             return Err(bad(
                 "refcount_table_clusters",
-                raw.refcount_table_clusters.into(),
+                raw.refcount_table_clusters.get().into(),
                 "1 to 8 MiB worth of clusters",
             ));
         }
-        if raw.nb_snapshots > MAX_SNAPSHOTS {
+        if raw.nb_snapshots.get() > MAX_SNAPSHOTS {
             return Err(bad(
                 "nb_snapshots",
-                raw.nb_snapshots.into(),
+                raw.nb_snapshots.get().into(),
                 "at most 65536",
             ));
         }
@@ -405,15 +444,17 @@ impl Header {
         // Extensions run from the end of the header to the backing file
         // name, or to the end of the first cluster.
         let mut ext_end = cluster_size.min(buf.len() as u64);
-        if raw.backing_file_offset != 0 {
-            ext_end = ext_end.min(raw.backing_file_offset);
+        if raw.backing_file_offset.get() != 0 {
+            ext_end = ext_end.min(raw.backing_file_offset.get());
         }
-        let mut pos = u64::from(raw.header_length);
+        let mut pos = u64::from(raw.header_length.get());
         let mut seen = Vec::new();
         while pos + 8 <= ext_end {
             let p = pos as usize;
-            let kind = be32(buf, p);
-            let len = u64::from(be32(buf, p + 4));
+            let Ok((ext, _)) = RawExtensionHeader::read_from_prefix(&buf[p..]) else {
+                break; // unreachable: pos + 8 <= ext_end <= buf.len()
+            };
+            let (kind, len) = (ext.kind.get(), u64::from(ext.len.get()));
             if kind == ext::END {
                 break;
             }
@@ -450,36 +491,35 @@ impl Header {
                     data_file = Some(string(data).ok_or_else(|| ext_err("name is not UTF-8"))?);
                 }
                 ext::FEATURE_NAMES => {
-                    if !data.len().is_multiple_of(48) {
+                    let Ok(entries) = <[RawFeatureName]>::ref_from_bytes(data) else {
                         return Err(ext_err("length is not a multiple of 48"));
-                    }
-                    for e in data.chunks_exact(48) {
-                        let kind = match e[0] {
+                    };
+                    for e in entries {
+                        let kind = match e.kind {
                             0 => FeatureKind::Incompatible,
                             1 => FeatureKind::Compatible,
                             2 => FeatureKind::Autoclear,
                             _ => return Err(ext_err("feature type is not 0, 1 or 2")),
                         };
-                        if e[1] > 63 {
+                        if e.bit > 63 {
                             return Err(ext_err("feature bit number above 63"));
                         }
-                        let name = &e[2..];
-                        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                        let end = e.name.iter().position(|&b| b == 0).unwrap_or(e.name.len());
                         feature_names.push(FeatureName {
                             kind,
-                            bit: e[1],
-                            name: String::from_utf8_lossy(&name[..end]).into_owned(),
+                            bit: e.bit,
+                            name: String::from_utf8_lossy(&e.name[..end]).into_owned(),
                         });
                     }
                 }
                 ext::BITMAPS => {
-                    if data.len() != 24 {
+                    let Ok(b) = RawBitmapsExtension::read_from_bytes(data) else {
                         return Err(ext_err("length is not 24"));
-                    }
-                    let nb_bitmaps = be32(data, 0);
-                    let reserved = be32(data, 4);
-                    let directory_size = be64(data, 8);
-                    let directory_offset = be64(data, 16);
+                    };
+                    let nb_bitmaps = b.nb_bitmaps.get();
+                    let reserved = b.reserved.get();
+                    let directory_size = b.directory_size.get();
+                    let directory_offset = b.directory_offset.get();
                     if !(1..=65535).contains(&nb_bitmaps) {
                         return Err(ext_err("nb_bitmaps is not in 1..=65535"));
                     }
@@ -498,7 +538,7 @@ impl Header {
                         nb_bitmaps,
                         directory_size,
                         directory_offset: HostOffset(directory_offset),
-                        consistent: raw.autoclear_features & autoclear::BITMAPS != 0,
+                        consistent: raw.autoclear_features.get() & autoclear::BITMAPS != 0,
                     });
                 }
                 ext::CRYPTO => {
@@ -514,7 +554,7 @@ impl Header {
             pos += 8 + len.next_multiple_of(8);
         }
 
-        let unknown = raw.incompatible_features & !incompat::KNOWN;
+        let unknown = raw.incompatible_features.get() & !incompat::KNOWN;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
                 .filter(|b| unknown & (1 << b) != 0)
@@ -530,14 +570,16 @@ impl Header {
                 names: names.join(", "),
             });
         }
-        if raw.incompatible_features & incompat::EXTENDED_L2 != 0 && raw.cluster_bits < 14 {
+        if raw.incompatible_features.get() & incompat::EXTENDED_L2 != 0
+            && raw.cluster_bits.get() < 14
+        {
             return Err(bad(
                 "cluster_bits",
-                raw.cluster_bits.into(),
+                raw.cluster_bits.get().into(),
                 "at least 14 with extended L2 entries",
             ));
         }
-        let compression_type = if raw.header_length as usize > V3_HEADER_LEN {
+        let compression_type = if raw.header_length.get() as usize > V3_HEADER_LEN {
             match buf[V3_HEADER_LEN] {
                 0 => CompressionType::Zlib,
                 1 => CompressionType::Zstd,
@@ -546,35 +588,35 @@ impl Header {
         } else {
             CompressionType::Zlib
         };
-        let has_bit = raw.incompatible_features & incompat::COMPRESSION != 0;
+        let has_bit = raw.incompatible_features.get() & incompat::COMPRESSION != 0;
         if has_bit != (compression_type != CompressionType::Zlib) {
             return Err(bad(
                 "compression_type",
-                raw.incompatible_features,
+                raw.incompatible_features.get(),
                 "non-zero exactly when incompatible bit 3 is set",
             ));
         }
-        if raw.autoclear_features & autoclear::DATA_FILE_RAW != 0
-            && raw.incompatible_features & incompat::DATA_FILE == 0
+        if raw.autoclear_features.get() & autoclear::DATA_FILE_RAW != 0
+            && raw.incompatible_features.get() & incompat::DATA_FILE == 0
         {
             return Err(bad(
                 "autoclear_features",
-                raw.autoclear_features,
+                raw.autoclear_features.get(),
                 "raw external data bit only with the external data file bit",
             ));
         }
 
         let backing_file =
-            if raw.backing_file_offset != 0 {
-                if raw.backing_file_size > MAX_BACKING_NAME {
+            if raw.backing_file_offset.get() != 0 {
+                if raw.backing_file_size.get() > MAX_BACKING_NAME {
                     return Err(bad(
                         "backing_file_size",
-                        raw.backing_file_size.into(),
+                        raw.backing_file_size.get().into(),
                         "at most 1023",
                     ));
                 }
-                let start = raw.backing_file_offset;
-                let end = start.saturating_add(u64::from(raw.backing_file_size));
+                let start = raw.backing_file_offset.get();
+                let end = start.saturating_add(u64::from(raw.backing_file_size.get()));
                 if end > cluster_size || end > buf.len() as u64 {
                     return Err(bad(
                         "backing_file_offset",
@@ -591,20 +633,20 @@ impl Header {
             };
 
         Ok(Header {
-            version: raw.version,
-            cluster_bits: raw.cluster_bits,
-            size: raw.size,
-            l1_size: raw.l1_size,
-            l1_table_offset: HostOffset(raw.l1_table_offset),
-            refcount_table_offset: HostOffset(raw.refcount_table_offset),
-            refcount_table_clusters: raw.refcount_table_clusters,
-            nb_snapshots: raw.nb_snapshots,
-            snapshots_offset: HostOffset(raw.snapshots_offset),
-            incompatible_features: raw.incompatible_features,
-            compatible_features: raw.compatible_features,
-            autoclear_features: raw.autoclear_features,
-            refcount_order: raw.refcount_order,
-            header_length: raw.header_length,
+            version: raw.version.get(),
+            cluster_bits: raw.cluster_bits.get(),
+            size: raw.size.get(),
+            l1_size: raw.l1_size.get(),
+            l1_table_offset: HostOffset(raw.l1_table_offset.get()),
+            refcount_table_offset: HostOffset(raw.refcount_table_offset.get()),
+            refcount_table_clusters: raw.refcount_table_clusters.get(),
+            nb_snapshots: raw.nb_snapshots.get(),
+            snapshots_offset: HostOffset(raw.snapshots_offset.get()),
+            incompatible_features: raw.incompatible_features.get(),
+            compatible_features: raw.compatible_features.get(),
+            autoclear_features: raw.autoclear_features.get(),
+            refcount_order: raw.refcount_order.get(),
+            header_length: raw.header_length.get(),
             compression_type,
             backing_file,
             backing_format,

@@ -7,6 +7,13 @@
 //!   L2 entries and compressed clusters.
 //! - [`Qcow2`] is one image file: L1 table, L2 tables on demand through a
 //!   bounded cache, refcounts, the external data file.
+//! - [`probe`] tells a qcow2 image from a raw one on the caller's open
+//!   file; [`Image::open_file`] and [`Qcow2::open_file`] open from it, and
+//!   [`OpenOptions::on_open`] (an [`OnOpen`] hook) sees every other file
+//!   an open opens, with its [`FileRole`], before it is read: where a
+//!   caller takes its locks. [`Image::files`] lists the files held.
+//! - [`GuestOffset`], [`HostOffset`] and [`HostCluster`] keep the kinds
+//!   of offsets apart in the API.
 //! - [`Image`] is an image with its backing chain (qcow2 or raw): the
 //!   virtual disk. [`Image::map`] streams [`MapEntry`] values equal to
 //!   `qemu-img map --output=json`, convertible to
@@ -14,7 +21,9 @@
 //! - [`Qcow2::dirty_ranges`] reads a persistent dirty bitmap offline
 //!   ([`Bitmap`], [`DirtyRanges`]), as `qemu-nbd -B NAME` would export it.
 //! - [`Qcow2::check`] rebuilds refcounts like `qemu-img check`
-//!   ([`CheckResult`] serializes to its `--output=json`); [`Qcow2::info`]
+//!   ([`CheckResult`] serializes to its `--output=json`), and
+//!   [`Qcow2::check_path`] opens a damaged image for it, reporting tables
+//!   past the end of the file as qemu-img does; [`Qcow2::info`]
 //!   gives `qemu-img info --output=json` ([`ImageInfo`]);
 //!   [`Qcow2::write_allocation_bitmap`] streams one bit per guest cluster.
 //! - [`StreamDecoder`] reads an image from a forward-only stream (a pipe,
@@ -70,17 +79,17 @@ mod header;
 mod image;
 mod info;
 mod map;
+mod open;
 mod seek;
 mod snapshot;
 mod stream;
 mod types;
-mod writer;
 
 pub use bitmap::{
     Bitmap, BitmapCluster, BitmapTableEntry, DirtyRanges, RawBitmapEntry, flags as bitmap_flags,
     parse_directory,
 };
-pub use chain::{Format, Image, Layer, MAX_CHAIN_DEPTH, OpenOptions, RawImage};
+pub use chain::{Image, Layer, RawImage};
 pub use check::{CheckResult, MAX_MESSAGES};
 pub use compress::decompress;
 pub use entry::{
@@ -97,10 +106,12 @@ pub use info::{
     Qcow2Specific, RawInfo, SnapshotInfo,
 };
 pub use map::{MapEntry, MapIter, merge_entries};
+pub use open::{
+    FileRole, Format, HookError, MAX_CHAIN_DEPTH, OnOpen, OpenOptions, OpenedFile, probe,
+};
 pub use snapshot::{RawSnapshotHeader, Snapshot};
 pub use stream::{
-    Chunk, Chunks, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES, StreamDecoder, StreamError,
-    StreamLimits,
+    Chunk, Chunks, DEFAULT_CLUSTER_BITS, DEFAULT_MAX_METADATA_BYTES, MAX_CHUNK_BYTES,
+    StreamDecoder, StreamError, StreamLayout, StreamLimits, StreamWriter, WriteError, write_stream,
 };
-pub use types::{GuestOffset, HostOffset};
-pub use writer::{DEFAULT_CLUSTER_BITS, StreamLayout, StreamWriter, WriteError, write_stream};
+pub use types::{GuestOffset, HostCluster, HostOffset};

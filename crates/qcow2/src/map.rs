@@ -7,6 +7,7 @@ pub use sparsekit_extent::qemu::{MapEntry, merge_entries};
 
 use crate::chain::Image;
 use crate::error::{Error, Result};
+use crate::types::GuestOffset;
 
 /// Iterator over the map of a guest range, returned by [`Image::map`].
 ///
@@ -38,7 +39,7 @@ impl<'a> MapIter<'a> {
         let mut depth = 0;
         let layers = self.image.layers().len();
         let st = loop {
-            let st = self.image.layer_status(depth, self.pos, len)?;
+            let st = self.image.layer_status(depth, GuestOffset(self.pos), len)?;
             if st.len == 0 {
                 return Err(Error::OutOfRange {
                     offset: self.pos,
@@ -60,7 +61,7 @@ impl<'a> MapIter<'a> {
             zero: st.zero,
             data: st.data,
             compressed: st.compressed,
-            offset: st.offset,
+            offset: st.offset.map(|h| h.0),
         })
     }
 

@@ -11,6 +11,23 @@ pub struct GuestOffset(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct HostOffset(pub u64);
 
+/// A host cluster by its index: a host offset divided by the cluster
+/// size. Refcounts are kept per host cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostCluster(pub u64);
+
+impl HostCluster {
+    /// The cluster `offset` lies in, with `1 << cluster_bits`-byte clusters.
+    pub fn containing(offset: HostOffset, cluster_bits: u32) -> Self {
+        HostCluster(offset.0 >> cluster_bits)
+    }
+
+    /// Where the cluster starts.
+    pub fn offset(self, cluster_bits: u32) -> HostOffset {
+        HostOffset(self.0 << cluster_bits)
+    }
+}
+
 impl fmt::Display for GuestOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest {:#x}", self.0)
@@ -35,24 +52,21 @@ impl fmt::LowerHex for HostOffset {
     }
 }
 
-/// Reads a big-endian `u32` at `at`; the caller has checked the length.
-pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// Reads a big-endian `u64` at `at`; the caller has checked the length.
 pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Reads a big-endian `u16` at `at`; the caller has checked the length.
-pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clusters_and_offsets() {
+        let c = HostCluster::containing(HostOffset(0x3_0123), 16);
+        assert_eq!(c, HostCluster(3));
+        assert_eq!(c.offset(16), HostOffset(0x30000));
+    }
 
     #[test]
     fn offsets_print_in_hex() {
@@ -61,10 +75,8 @@ mod tests {
     }
 
     #[test]
-    fn big_endian_readers() {
+    fn big_endian_table_entries() {
         let b = [0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3];
-        assert_eq!(be32(&b, 0), 0x5146_49fb);
-        assert_eq!(be16(&b, 6), 3);
         assert_eq!(be64(&b, 0), 0x5146_49fb_0000_0003);
     }
 }

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Dir;
-use sparsekit_qcow2::Qcow2;
+use sparsekit_qcow2::{CheckResult, OpenOptions, Qcow2};
 
-/// `qemu-img check --output=json` and its exit status (non-zero when it
-/// finds something).
-fn qemu_check(image: &Path) -> (serde_json::Value, i32) {
+/// What `qemu-img check --output=json` printed on standard output, and
+/// its exit status (non-zero when it finds something).
+fn qemu_check_raw(image: &Path) -> (Vec<u8>, i32, String) {
     let out = Command::new("qemu-img")
         .args(["check", "--output=json"])
         .arg(image)
@@ -22,27 +22,66 @@ fn qemu_check(image: &Path) -> (serde_json::Value, i32) {
         .unwrap_or_else(|e| {
             panic!("cannot run qemu-img ({e}): install the Debian package qemu-utils")
         });
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "qemu-img check printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (v, out.status.code().unwrap())
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.stdout, out.status.code().unwrap(), stderr)
 }
 
-fn assert_check(image: &Path) -> sparsekit_qcow2::CheckResult {
+/// `qemu-img check --output=json` and its exit status.
+fn qemu_check(image: &Path) -> (serde_json::Value, i32) {
+    let (stdout, code, stderr) = qemu_check_raw(image);
+    let v = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("qemu-img check printed no JSON ({e}): {stderr}"));
+    (v, code)
+}
+
+fn assert_check(image: &Path) -> CheckResult {
     let r = Qcow2::open(image).unwrap().check().unwrap();
     let (theirs, code) = qemu_check(image);
+    assert_same(&r, &theirs, code, image);
+    r
+}
+
+fn assert_same(r: &CheckResult, theirs: &serde_json::Value, code: i32, image: &Path) {
     assert_eq!(
-        serde_json::to_value(&r).unwrap(),
+        &serde_json::to_value(r).unwrap(),
         theirs,
         "check of {}: {:#?}",
         image.display(),
         r.messages
     );
-    assert_eq!(r.exit_code(), code);
-    r
+    assert_eq!(r.exit_code(), code, "{}", image.display());
+}
+
+/// `Qcow2::check_path`, the entry point for damaged images, against
+/// `qemu-img check` on the same file: the same JSON and exit status; or,
+/// where qemu's check does not run at all (exit status 1, nothing on
+/// standard output), an error. `None` in that case.
+fn assert_check_path(image: &Path) -> Option<CheckResult> {
+    let ours = Qcow2::check_path(image, &OpenOptions::default());
+    let (stdout, code, stderr) = qemu_check_raw(image);
+    match ours {
+        Ok(r) => {
+            let theirs: serde_json::Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{}: we checked it ({:?}), qemu-img printed no JSON ({e}): {stderr}",
+                    image.display(),
+                    r.messages
+                )
+            });
+            assert_same(&r, &theirs, code, image);
+            Some(r)
+        }
+        Err(e) => {
+            assert_eq!(
+                (code, stdout.as_slice()),
+                (1, &b""[..]),
+                "{}: we refused ({e}: {}), qemu-img check ran: {stderr}",
+                image.display(),
+                e.root()
+            );
+            None
+        }
+    }
 }
 
 fn poke(path: &Path, offset: u64, bytes: &[u8]) {
@@ -249,4 +288,160 @@ fn many_snapshots_sharing_one_large_table_are_checked_in_bounded_time_and_memory
     assert!(r.corruptions > 0);
     assert_eq!(r.exit_code(), 1, "the walk stops: a check error");
     assert!(r.messages.iter().any(|m| m.contains("stopped counting")));
+}
+
+/// An image with every table a header points to: data, a snapshot (its
+/// own L1 table), a persistent bitmap (directory, table), refcounts.
+fn every_table(d: &Dir, name: &str) -> std::path::PathBuf {
+    let p = d.create(name, "", "4M");
+    d.io(name, &["write -P 1 0 192k", "write -P 2 1M 64k"]);
+    d.img(&["snapshot", "-c", "s1", name]);
+    d.io(name, &["write -P 3 2M 64k"]);
+    d.img(&["bitmap", "--add", name, "b1"]);
+    assert_check(&p);
+    p
+}
+
+/// Offset of the data of the bitmaps header extension.
+fn bitmaps_extension(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, 100).unwrap();
+    let mut at = u64::from(u32::from_be_bytes(b)); // header_length
+    loop {
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, at).unwrap();
+        let kind = u32::from_be_bytes(e[..4].try_into().unwrap());
+        let len = u64::from(u32::from_be_bytes(e[4..].try_into().unwrap()));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return at + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+const PAST_THE_END: u64 = 0x1000_0000;
+
+/// Issue 17: tables that lie beyond the end of the file, or are
+/// misaligned, are reported as qemu-img check reports them (corruptions,
+/// their clusters leaked, exit status 2), or refused where qemu's check
+/// does not run either (exit status 1).
+#[test]
+fn misplaced_tables_are_reported_like_qemu_img_check() {
+    let d = Dir::new();
+    let base = every_table(&d, "base.qcow2");
+    let len = std::fs::metadata(&base).unwrap().len();
+    let snapshots = peek64(&base, 64);
+    let bitmaps = bitmaps_extension(&base);
+    let directory = peek64(&base, bitmaps + 16);
+    // Field offset and value of each damage; whether qemu's check runs.
+    let cases: &[(&str, u64, &[u8], bool)] = &[
+        ("l1-past-end", 40, &PAST_THE_END.to_be_bytes(), true),
+        ("l1-misaligned", 40, &(0x30200u64).to_be_bytes(), false),
+        (
+            "refcount-table-past-end",
+            48,
+            &PAST_THE_END.to_be_bytes(),
+            true,
+        ),
+        (
+            "refcount-table-misaligned",
+            48,
+            &(0x10200u64).to_be_bytes(),
+            false,
+        ),
+        (
+            "snapshot-table-past-end",
+            64,
+            &PAST_THE_END.to_be_bytes(),
+            true,
+        ),
+        (
+            "snapshot-table-misaligned",
+            64,
+            &(snapshots + 8).to_be_bytes(),
+            false,
+        ),
+        (
+            "snapshot-l1-past-end",
+            snapshots,
+            &PAST_THE_END.to_be_bytes(),
+            true,
+        ),
+        (
+            "snapshot-l1-misaligned",
+            snapshots,
+            &(0x30200u64).to_be_bytes(),
+            true,
+        ),
+        (
+            "snapshot-l1-too-large",
+            snapshots + 8,
+            &(5u32 << 20).to_be_bytes(),
+            true,
+        ),
+        (
+            "bitmap-directory-past-end",
+            bitmaps + 16,
+            &PAST_THE_END.to_be_bytes(),
+            false,
+        ),
+        (
+            "bitmap-directory-misaligned",
+            bitmaps + 16,
+            &(directory + 512).to_be_bytes(),
+            false,
+        ),
+        (
+            "bitmap-table-past-end",
+            directory,
+            &PAST_THE_END.to_be_bytes(),
+            true,
+        ),
+        (
+            "bitmap-table-misaligned",
+            directory,
+            &(0x30200u64).to_be_bytes(),
+            false,
+        ),
+    ];
+    for &(name, at, bytes, runs) in cases {
+        let p = d.path(&format!("{name}.qcow2"));
+        std::fs::copy(&base, &p).unwrap();
+        poke(&p, at, bytes);
+        match assert_check_path(&p) {
+            Some(r) => {
+                assert!(runs, "{name}: qemu-img check should not run");
+                assert_eq!(r.exit_code(), 2, "{name}: {:#?}", r.messages);
+                assert!(r.corruptions > 0, "{name}");
+            }
+            None => assert!(!runs, "{name}: qemu-img check runs"),
+        }
+        // The header's own tables: what the strict open refuses.
+        if at < 72 && name.ends_with("past-end") {
+            assert!(
+                Qcow2::open(&p).is_err(),
+                "{name}: the strict open refuses it"
+            );
+        }
+    }
+
+    // A table that starts inside the file and runs past its end: the part
+    // inside is read.
+    let p = d.path("l1-runs-past-end.qcow2");
+    std::fs::copy(&base, &p).unwrap();
+    poke(&p, 40, &(len & !0xffff).to_be_bytes());
+    poke(&p, 36, &20_000u32.to_be_bytes());
+    let r = assert_check_path(&p).expect("qemu-img check runs");
+    assert_eq!(r.exit_code(), 2);
+
+    // Many snapshots past the end: each entry reads as zeros, which a
+    // version 3 image calls incomplete.
+    let p = d.path("snapshots-past-end.qcow2");
+    std::fs::copy(&base, &p).unwrap();
+    poke(&p, 64, &PAST_THE_END.to_be_bytes());
+    poke(&p, 60, &1000u32.to_be_bytes());
+    let r = assert_check_path(&p).expect("qemu-img check runs");
+    assert!(r.corruptions > 1000, "{}", r.corruptions);
 }

@@ -18,7 +18,11 @@
 use std::io::{self, Write};
 use std::ops::Range;
 
-use crate::header::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS};
+use zerocopy::IntoBytes;
+
+use crate::header::{
+    MAGIC, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, RawHeader,
+};
 use crate::types::{GuestOffset, HostOffset};
 
 /// The cluster size qemu-img and qcow2-to-stdout.py use by default:
@@ -303,29 +307,36 @@ impl StreamLayout {
 
     /// The header cluster.
     fn header(&self) -> Vec<u8> {
-        let cs = self.cluster_size() as usize;
-        let mut h = vec![0u8; cs];
-        let mut put = |at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
-        put(0, b"QFI\xfb"); // magic
-        put(4, &3u32.to_be_bytes()); // version
-        // 8..20: no backing file
-        put(20, &self.cluster_bits.to_be_bytes());
-        put(24, &self.size.to_be_bytes());
-        // 32..36: crypt_method 0
-        put(36, &(self.l1_size as u32).to_be_bytes());
         // qcow2-to-stdout.py: no L1 table cluster, L1 offset 0.
         let l1 = if self.l1_clusters == 0 {
             0
         } else {
             self.l1_offset()
         };
-        put(40, &l1.to_be_bytes());
-        put(48, &self.refcount_table_offset().to_be_bytes());
-        put(56, &(self.refcount_table_clusters as u32).to_be_bytes());
-        // 60..72: no snapshots; 72..96: no features
-        put(96, &REFCOUNT_ORDER.to_be_bytes());
-        put(100, &HEADER_LENGTH.to_be_bytes());
-        // 104: compression type 0 (zlib); then the end of extensions.
+        // No backing file, encryption, snapshots or features; compression
+        // type 0 (zlib) and the end of extensions are the zeros after it.
+        let raw = RawHeader {
+            magic: MAGIC.into(),
+            version: 3.into(),
+            backing_file_offset: 0.into(),
+            backing_file_size: 0.into(),
+            cluster_bits: self.cluster_bits.into(),
+            size: self.size.into(),
+            crypt_method: 0.into(),
+            l1_size: (self.l1_size as u32).into(),
+            l1_table_offset: l1.into(),
+            refcount_table_offset: self.refcount_table_offset().into(),
+            refcount_table_clusters: (self.refcount_table_clusters as u32).into(),
+            nb_snapshots: 0.into(),
+            snapshots_offset: 0.into(),
+            incompatible_features: 0.into(),
+            compatible_features: 0.into(),
+            autoclear_features: 0.into(),
+            refcount_order: REFCOUNT_ORDER.into(),
+            header_length: HEADER_LENGTH.into(),
+        };
+        let mut h = vec![0u8; self.cluster_size() as usize];
+        h[..size_of::<RawHeader>()].copy_from_slice(raw.as_bytes());
         h
     }
 }
