@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sparsekit_copy::{Format, OpenOptions};
+use sparsekit_copy::{Format, OpenOptions, Purpose};
 
 /// An image format, as `--format` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -38,12 +38,19 @@ pub struct ImageArgs {
     /// (0: wait forever).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub timeout: u64,
+    /// Read an image that another process (qemu, qemu-nbd) may be writing,
+    /// as qemu-img's -U: without it, such an image is refused.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 impl ImageArgs {
-    /// The library's options for opening a source as `format`.
-    pub fn open_options(&self, format: Option<FormatArg>) -> OpenOptions {
+    /// The library's options for opening a source as `format`, for
+    /// `purpose`.
+    pub fn open_options(&self, format: Option<FormatArg>, purpose: Purpose) -> OpenOptions {
         OpenOptions {
+            purpose,
+            force_share: self.force_share,
             format: format.map(Format::from),
             no_backing: self.no_backing,
             untrusted: self.untrusted,

@@ -5,6 +5,8 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use sparsekit_fiemap::lock::{self, Profile};
+
 use crate::endpoint::{FileId, Spec};
 use crate::error::OpenError;
 
@@ -24,6 +26,37 @@ pub(crate) struct OpenedDest {
     pub(crate) kind: DestKind,
     pub(crate) size: u64,
     pub(crate) id: FileId,
+    /// qemu's write locks, once the plan has taken them.
+    pub(crate) lock: Option<WriteLock>,
+}
+
+/// qemu's write locks on a destination ([`Profile::WRITE`]), held by the
+/// destination's open file description and released when dropped.
+#[derive(Debug)]
+pub(crate) struct WriteLock(File);
+
+impl WriteLock {
+    /// Takes the locks on `file`'s description; refused when someone else
+    /// has the file open in a way that excludes writing it.
+    pub(crate) fn take(file: &File, path: &Path) -> Result<Self, sparsekit_fiemap::Error> {
+        let dup = file
+            .try_clone()
+            .map_err(|source| sparsekit_fiemap::Error::Open {
+                path: path.to_owned(),
+                what: "duplicating the descriptor to lock",
+                source,
+            })?;
+        lock::lock(&dup, path, Profile::WRITE).map(drop)?;
+        Ok(Self(dup))
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        // Released before the descriptors close: a child forked by another
+        // thread may hold a copy of them until it execs.
+        lock::unlock(&self.0, Profile::WRITE);
+    }
 }
 
 /// A local destination: its path, and the open file when it exists.
@@ -135,6 +168,20 @@ impl Destination {
         }
     }
 
+    /// Takes qemu's write locks on an existing local destination: nobody
+    /// else may write or resize it while the copy holds it open, and one
+    /// that qemu, qemu-nbd or qemu-img has open is refused.
+    pub(crate) fn lock(&mut self) -> Result<(), sparsekit_fiemap::Error> {
+        if let Target::Local(LocalDest {
+            path,
+            existing: Some(e),
+        }) = &mut self.target
+        {
+            e.lock = Some(WriteLock::take(&e.file, path)?);
+        }
+        Ok(())
+    }
+
     /// The local destination, for the sink; `None` for standard output.
     pub(crate) fn into_local(self) -> Option<LocalDest> {
         match self.target {
@@ -200,6 +247,7 @@ fn open_existing(path: &Path, meta: &std::fs::Metadata) -> Result<OpenedDest, Op
         },
         size,
         id: FileId::of(&meta),
+        lock: None,
     })
 }
 

@@ -5,12 +5,16 @@
 
 use std::fmt;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sparsekit_fiemap::Mapper;
+use std::sync::Arc;
+
+use sparsekit_fiemap::lock::{self, Profile};
 use sparsekit_nbd::NbdUri;
+use sparsekit_qcow2::FileRole;
 use sparsekit_qcow2::StreamDecoder;
 
 use crate::error::OpenError;
@@ -100,9 +104,56 @@ pub enum Format {
     Qcow2,
 }
 
+/// What a source is opened for. Local files are locked as qemu-img locks
+/// them for the same job (`sparsekit_fiemap::lock`), so that an image in
+/// use by qemu is not read behind its back unless `force_share` says so.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Purpose {
+    /// To copy it, as `qemu-img convert` reads its source: every file of
+    /// the chain must not be written or resized by anyone else.
+    #[default]
+    Copy,
+    /// To map it, as `qemu-img map` (stricter for raw images, which qemu-img
+    /// maps while others write them: a map of a file being written would
+    /// be presented as whole).
+    Map,
+    /// To look at a qcow2 image's metadata, as `qemu-img info`.
+    Info,
+    /// To check a qcow2 image's consistency, as `qemu-img check`.
+    Check,
+}
+
+impl Purpose {
+    /// The locks to take on a file of the source in `role`; `None`: none
+    /// (what `-U` leaves of `qemu-img info`'s).
+    pub fn profile(self, role: Role, force_share: bool) -> Option<Profile> {
+        let p = match (self, role) {
+            (Purpose::Info, _) => Profile::INSPECT,
+            (Purpose::Map, Role::DataFile) => Profile::DATA_FILE,
+            _ => Profile::READ,
+        };
+        let p = if force_share { p.force_share() } else { p };
+        (p != Profile::INSPECT.force_share()).then_some(p)
+    }
+}
+
+/// Which file of a source is being locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The image named on the command line, or one of its backing files.
+    Image,
+    /// An external data file of a qcow2 image.
+    DataFile,
+}
+
 /// How sources are opened: the options every tool takes.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
+    /// What the source is opened for: which locks its files get.
+    pub purpose: Purpose,
+    /// Read an image that others may be writing (qemu-img's `-U`): its
+    /// files are locked without refusing writers.
+    pub force_share: bool,
     /// The format, instead of probing the magic.
     pub format: Option<Format>,
     /// qcow2: read the image alone, without its backing file.
@@ -226,81 +277,101 @@ impl Opened {
     /// The identities of every local file this source reads (an image, its
     /// backing files, its data files): a copy must write to none of them.
     pub fn file_ids(&self) -> Vec<FileId> {
-        let paths: Vec<&Path> = match self {
-            Opened::Raw(r) => vec![r.mapper().path()],
+        match self {
+            Opened::Raw(r) => (r.mapper().file().metadata().iter())
+                .map(FileId::of)
+                .collect(),
             Opened::Nbd(_) | Opened::Stream(_) => Vec::new(),
-            Opened::Qcow2(q) => {
-                let img = q.image();
-                img.layers()
-                    .iter()
-                    .map(|l| l.path())
-                    .chain(img.layers().iter().filter_map(|l| match l {
-                        sparsekit_qcow2::Layer::Qcow2(q) => q.data_file_path(),
-                        sparsekit_qcow2::Layer::Raw(_) => None,
-                    }))
-                    .collect()
-            }
-        };
-        paths.into_iter().filter_map(FileId::of_path).collect()
+            Opened::Qcow2(q) => (q.image().file_ids().into_iter())
+                .map(|(dev, ino)| FileId { dev, ino })
+                .collect(),
+        }
     }
 }
 
 /// Opens the local file or device `path` as `format`, or as the format its
-/// magic says. Special files are refused before anything reads them (a
-/// FIFO would block).
+/// magic says, on one descriptor: opened (special files refused before
+/// anything reads them: a FIFO would block), locked, probed, then read as
+/// raw or as a qcow2 chain whose every other file is locked as it opens.
 fn open_path(path: &Path, opts: &OpenOptions) -> Result<Opened, OpenError> {
     let mapper = Mapper::open(path)?;
+    lock(mapper.file(), path, opts, Role::Image)?;
     let format = match opts.format {
         Some(f) => f,
-        None => probe(mapper.file(), path)?,
+        None => match sparsekit_qcow2::probe(mapper.file())? {
+            sparsekit_qcow2::Format::Qcow2 => Format::Qcow2,
+            sparsekit_qcow2::Format::Raw => Format::Raw,
+        },
     };
     Ok(match format {
         Format::Raw => Opened::Raw(RawSource::new(mapper)),
         Format::Qcow2 => {
-            let chain = sparsekit_qcow2::OpenOptions {
-                no_backing: opts.no_backing,
-                untrusted: opts.untrusted,
-                ..Default::default()
-            };
-            let img = sparsekit_qcow2::Image::open_with(path, &chain)?;
+            let file = mapper.file().try_clone().map_err(|source| OpenError::Io {
+                path: path.to_owned(),
+                what: "opening",
+                source,
+            })?;
+            drop(mapper);
+            let img = sparsekit_qcow2::Image::open_file(file, path, &chain_options(opts))?;
             Opened::Qcow2(Qcow2Source::new(img, path))
         }
     })
 }
 
-/// qcow2 when `file` starts with its magic, raw otherwise (as qemu-img
-/// probes).
-fn probe(file: &std::fs::File, path: &Path) -> Result<Format, OpenError> {
-    // No readahead for four bytes: it would pull the start of the image
-    // into the page cache, and cached pages of unwritten extents read as
-    // data to SEEK_DATA, which qcow2 block status consults (as qemu's).
-    let _ = nix::fcntl::posix_fadvise(
-        file,
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
-    );
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < magic.len() {
-        match file.read_at(&mut magic[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(OpenError::Io {
-                    path: path.to_owned(),
-                    what: "reading the magic at offset 0x0",
-                    source,
-                });
-            }
+/// Opens the local file `path` as [`Opened::open`] would (refused if
+/// special, locked for `opts.purpose`), for a reader that reads it as only
+/// its format crate can (`qcow2-info --check`); with the qcow2 crate's
+/// options that lock every other file it opens the same way.
+pub fn open_local(
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<(std::fs::File, sparsekit_qcow2::OpenOptions), OpenError> {
+    let mapper = Mapper::open(path)?;
+    lock(mapper.file(), path, opts, Role::Image)?;
+    let file = mapper.file().try_clone().map_err(|source| OpenError::Io {
+        path: path.to_owned(),
+        what: "opening",
+        source,
+    })?;
+    Ok((file, chain_options(opts)))
+}
+
+/// The qcow2 crate's options for `opts`: backing files and data files are
+/// locked as they open, for `opts.purpose`.
+fn chain_options(opts: &OpenOptions) -> sparsekit_qcow2::OpenOptions {
+    let (purpose, force_share) = (opts.purpose, opts.force_share);
+    let hook = move |file: &std::fs::File, path: &Path, role: FileRole| {
+        let role = match role {
+            FileRole::DataFile(_) => Role::DataFile,
+            FileRole::Top | FileRole::Backing(_) => Role::Image,
+        };
+        match purpose.profile(role, force_share) {
+            Some(profile) => lock::lock(file, path, profile)
+                .map(drop)
+                .map_err(sparsekit_qcow2::HookError::from),
+            None => Ok(()),
         }
+    };
+    sparsekit_qcow2::OpenOptions {
+        no_backing: opts.no_backing,
+        untrusted: opts.untrusted,
+        on_open: Some(Arc::new(hook)),
+        ..Default::default()
     }
-    Ok(if got == 4 && magic == *b"QFI\xfb" {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+}
+
+/// Takes the locks `opts` asks for on `file`, a file of the source in
+/// `role`. Where the kernel has no OFD locks, goes on without, as qemu does.
+fn lock(
+    file: &std::fs::File,
+    path: &Path,
+    opts: &OpenOptions,
+    role: Role,
+) -> Result<(), sparsekit_fiemap::Error> {
+    match opts.purpose.profile(role, opts.force_share) {
+        Some(profile) => lock::lock(file, path, profile).map(drop),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -327,14 +398,15 @@ mod tests {
     }
 
     #[test]
-    fn the_magic_decides_the_format() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x");
-        std::fs::write(&p, b"QFI\xfbrest").unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        assert_eq!(probe(&f, &p).unwrap(), Format::Qcow2);
-        std::fs::write(&p, b"QFI").unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        assert_eq!(probe(&f, &p).unwrap(), Format::Raw);
+    fn purposes_take_qemu_img_s_locks() {
+        use Purpose::*;
+        assert_eq!(Copy.profile(Role::Image, false), Some(Profile::READ));
+        assert_eq!(Copy.profile(Role::DataFile, false), Some(Profile::READ));
+        assert_eq!(Map.profile(Role::Image, false), Some(Profile::READ));
+        assert_eq!(Map.profile(Role::DataFile, false), Some(Profile::DATA_FILE));
+        assert_eq!(Check.profile(Role::Image, false), Some(Profile::READ));
+        assert_eq!(Info.profile(Role::Image, false), Some(Profile::INSPECT));
+        assert_eq!(Copy.profile(Role::Image, true), Some(Profile::SHARED_READ));
+        assert_eq!(Info.profile(Role::Image, true), None);
     }
 }

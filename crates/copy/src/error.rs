@@ -156,6 +156,10 @@ pub enum PlanError {
         /// The length the copy needs.
         want: u64,
     },
+    /// The destination is in use (qemu's image locks), or cannot be
+    /// locked.
+    #[error(transparent)]
+    Locked(sparsekit_fiemap::Error),
     /// Options that do not go together, or do not apply to these
     /// endpoints.
     #[error("{0}")]
@@ -187,6 +191,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A destination the copy created could not be locked (someone opened
+    /// it at once).
+    #[error(transparent)]
+    Locked(sparsekit_fiemap::Error),
     /// Flushing the destination to stable storage failed.
     #[error("{}: flushing to stable storage (fdatasync)", path.display())]
     Flush {

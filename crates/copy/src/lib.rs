@@ -63,7 +63,9 @@ mod sys;
 mod verify;
 
 pub use dest::{DestKind, Destination};
-pub use endpoint::{FileId, Format, OpenOptions, Opened, Spec, StreamSource};
+pub use endpoint::{
+    FileId, Format, OpenOptions, Opened, Purpose, Role, Spec, StreamSource, open_local,
+};
 pub use error::{DestState, Error, Failed, OpenError, PlanError, StreamError};
 pub use evict::{
     DirtyThresholds, EVICT_MIN_WRITE, EVICT_SPAN, EVICT_WINDOW, Evict, PACE_WINDOW, SLOW_PACE,

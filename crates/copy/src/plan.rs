@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::dest::{DestKind, Destination, LocalDest};
+use crate::dest::{DestKind, Destination, LocalDest, WriteLock};
 use crate::endpoint::Opened;
 use crate::error::{DestState, Error, Failed, PlanError};
 use crate::evict::{Evict, dirty_thresholds, evict_by_default};
@@ -215,7 +215,7 @@ pub struct Plan {
 impl Plan {
     /// Checks `req` against `source` and `dest` and makes every choice of
     /// the copy. Nothing is created, truncated or written.
-    pub fn new(source: Opened, dest: Destination, req: &Request) -> Result<Self, PlanError> {
+    pub fn new(source: Opened, mut dest: Destination, req: &Request) -> Result<Self, PlanError> {
         if let Some(c) = req.chunk_size
             && !CHUNK_BOUNDS.contains(&c)
         {
@@ -271,6 +271,7 @@ impl Plan {
             drop(dirty);
         }
         check_dest(&source, &dest, req, dest_end)?;
+        dest.lock().map_err(PlanError::Locked)?;
         let nbd = matches!(source, Opened::Nbd(_));
         let jobs = req
             .jobs
@@ -611,17 +612,28 @@ fn export(
         )
     };
     let created = existing.is_none();
-    let file = match existing {
+    let (file, _lock) = match existing {
         Some(e) => {
             e.file.set_len(0).map_err(|s| fail("truncating", s))?;
-            e.file
+            (e.file, e.lock)
         }
-        None => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|s| fail("creating", s))?,
+        None => {
+            // Readable too: qemu's locks are read locks.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|s| fail("creating", s))?;
+            match WriteLock::take(&file, &path) {
+                Ok(lock) => (file, Some(lock)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(Failed::new(0, 0, Error::Locked(e)));
+                }
+            }
+        }
     };
     let name = path.display().to_string();
     let out = BufWriter::with_capacity(1 << 20, file);

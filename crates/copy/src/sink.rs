@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 
-use crate::dest::{DestKind, LocalDest};
+use crate::dest::{DestKind, LocalDest, WriteLock};
 use crate::error::Error;
 use crate::evict::{Evict, Evictor};
 use crate::sys;
@@ -59,6 +59,8 @@ pub(crate) struct Sink {
     /// it cannot, then as written zeros.
     zeroing_unsupported: AtomicBool,
     evictor: Evictor,
+    /// qemu's write locks, held while the sink is open.
+    _lock: Option<WriteLock>,
 }
 
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
@@ -81,8 +83,8 @@ impl Sink {
             let path = path.clone();
             move |source: io::Error| Error::OpenDest { path, what, source }
         };
-        let (file, kind, created) = match existing {
-            Some(e) => (e.file, e.kind, false),
+        let (file, kind, created, lock) = match existing {
+            Some(e) => (e.file, e.kind, false, e.lock),
             None => {
                 // O_EXCL: a file that appeared since inspection was not
                 // checked, and is not ours to truncate.
@@ -93,7 +95,15 @@ impl Sink {
                     .custom_flags(libc::O_CLOEXEC)
                     .open(&path)
                     .map_err(err("creating"))?;
-                (file, DestKind::Regular, true)
+                // Locked before it is sized, as an existing DEST is before
+                // anything is written.
+                match WriteLock::take(&file, &path) {
+                    Ok(lock) => (file, DestKind::Regular, true, Some(lock)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(Error::Locked(e));
+                    }
+                }
             }
         };
         let sized = match kind {
@@ -124,6 +134,7 @@ impl Sink {
             created,
             zeroing_unsupported: false.into(),
             evictor: Evictor::new(evict),
+            _lock: lock,
         })
     }
 

@@ -367,6 +367,19 @@ fn lock_error(path: &Path, byte: u64, call: &'static str, e: Errno) -> Error {
     }
 }
 
+/// Releases every lock byte of `profile` that `file`'s open file
+/// description holds. Closing the last descriptor of the description does
+/// the same; releasing first matters where the description may outlive
+/// the close, as when another thread of the process forks and the child
+/// holds a copy of the descriptor until it execs.
+pub fn unlock(file: &File, profile: Profile) {
+    for byte in profile.bytes() {
+        // Releasing cannot conflict; should it fail, closing the file
+        // releases the byte anyway.
+        let _ = sys::ofd_lock_byte(file.as_fd(), byte, false);
+    }
+}
+
 /// What the other open file descriptions of `file` hold together, read
 /// from its lock bytes with `F_OFD_GETLK` (this description's own locks
 /// are not seen). For messages and tests: which permissions a running qemu
@@ -517,5 +530,19 @@ mod tests {
         let e = lock(&f, &path, Profile::READ).unwrap_err();
         assert!(matches!(e, Error::Lock { byte: 100, .. }), "{e:?}");
         assert!(e.to_string().contains("byte 100"), "{e}");
+    }
+
+    #[test]
+    fn unlocking_releases_the_profile_s_bytes() {
+        let (_dir, path, a, b) = two_descriptions();
+        assert_eq!(lock(&a, &path, Profile::WRITE).unwrap(), Locked::Held);
+        assert!(lock(&b, &path, Profile::READ).is_err());
+        unlock(&a, Profile::WRITE);
+        let none = Profile {
+            held: Perms::NONE,
+            unshared: Perms::NONE,
+        };
+        assert_eq!(held_elsewhere(&b, &path).unwrap(), none);
+        assert_eq!(lock(&b, &path, Profile::READ).unwrap(), Locked::Held);
     }
 }

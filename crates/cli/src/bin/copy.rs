@@ -8,7 +8,7 @@ use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
 use sparsekit_copy::plan::nbd_connections;
-use sparsekit_copy::{Destination, Opened, Output, Plan, Request, Spec, stop_on_signals};
+use sparsekit_copy::{Destination, Opened, Output, Plan, Purpose, Request, Spec, stop_on_signals};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
-    let mut open = args.image.open_options(args.format);
+    let mut open = args.image.open_options(args.format, Purpose::Copy);
     open.connections = nbd_connections(args.jobs);
     open.contexts
         .extend(args.bitmap.iter().map(|b| format!("qemu:dirty-bitmap:{b}")));

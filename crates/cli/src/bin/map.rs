@@ -10,7 +10,7 @@ use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{Table, describe, format_size, parse_size};
 use sparsekit_cli::{nbdinfo, qemu};
 use sparsekit_copy::map::{Description, clamp_range};
-use sparsekit_copy::{Opened, SourceError, Spec};
+use sparsekit_copy::{Opened, Purpose, SourceError, Spec};
 
 /// Show where the data of a file, block device or disk image is.
 #[derive(Debug, clap::Parser)]
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let context = (args.context.clone())
         .or_else(|| (args.bitmap.as_ref()).map(|b| format!("qemu:dirty-bitmap:{b}")));
-    let mut open = args.image.open_options(args.format);
+    let mut open = args.image.open_options(args.format, Purpose::Map);
     open.contexts.extend(context.clone());
     let src = Opened::open(&Spec::parse(&args.source)?, &open)?;
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());

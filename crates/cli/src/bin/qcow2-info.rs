@@ -10,7 +10,7 @@ use serde_json::Value;
 use sparsekit_cli::args::{FormatArg, ImageArgs};
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::info::{allocation, write_bitmap, write_check, write_human};
-use sparsekit_copy::{Opened, Spec};
+use sparsekit_copy::{Opened, Purpose, Spec, open_local};
 use sparsekit_qcow2::{ChainInfo, Layer, Qcow2};
 
 /// Show what a qcow2 image is, how much of it is allocated, and whether it
@@ -59,9 +59,27 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = BufWriter::new(io::stdout().lock());
-    let mut open = args.open.open_options(Some(FormatArg::Qcow2));
+    let purpose = if args.check {
+        Purpose::Check
+    } else {
+        Purpose::Info
+    };
+    let mut open = args.open.open_options(Some(FormatArg::Qcow2), purpose);
     // As qemu-img info: backing files only for --backing-chain.
     open.no_backing = args.open.no_backing || !args.backing_chain;
+    if args.check {
+        // Damaged tables are what a check reports, not reasons to refuse.
+        let (file, chain) = open_local(&args.image, &open)?;
+        let r = Qcow2::check_file(file, &args.image, &chain)?;
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &r)?;
+            writeln!(out)?;
+        } else {
+            write_check(&mut out, &r)?;
+        }
+        out.flush()?;
+        return Ok(ExitCode::from(r.exit_code() as u8));
+    }
     let src = Opened::open(&Spec::Path(args.image.clone()), &open)?;
     let Opened::Qcow2(img) = &src else {
         bail!("{}: not opened as a qcow2 image", args.image.display());
@@ -75,17 +93,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", top.allocated_bytes()?)?;
         out.flush()?;
         return Ok(ExitCode::SUCCESS);
-    }
-    if args.check {
-        let r = top.check()?;
-        if args.json {
-            serde_json::to_writer_pretty(&mut out, &r)?;
-            writeln!(out)?;
-        } else {
-            write_check(&mut out, &r)?;
-        }
-        out.flush()?;
-        return Ok(ExitCode::from(r.exit_code() as u8));
     }
     let infos = if args.backing_chain {
         img.info_chain()?
