@@ -27,7 +27,7 @@ use crate::handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negot
 use crate::map::{BASE_ALLOCATION, StatusExtent};
 use crate::reply::ServerError;
 use crate::status::{StatusPager, clip};
-use crate::transmission::{Completion, Op, Reply, StepError, Transmission};
+use crate::transmission::{Completion, Op, Reply, StepError, Transmission, ZeroFlags};
 use crate::types::{ContextId, Errno, HeaderMode};
 use crate::uri::{NbdUri, Transport};
 use crate::wire::TransmissionFlags;
@@ -498,7 +498,8 @@ impl Client {
     /// `payload` from its offset minus `base`. Every op must have passed
     /// the machine's checks (its range was checked whole). On a server
     /// error no more requests are sent, the ones in flight are drained so
-    /// the connection stays usable, and the first error is returned.
+    /// the connection stays usable, and the error of the lowest offset is
+    /// returned.
     fn pipeline(
         &mut self,
         mut ops: impl Iterator<Item = Op>,
@@ -506,7 +507,9 @@ impl Client {
         payload: (u64, &[u8]),
         during: &str,
     ) -> Result<(), Error> {
-        let mut first_err: Option<Error> = None;
+        // The failed request with the lowest offset, whatever order the
+        // replies come in: everything before it is done.
+        let mut first_err: Option<(u64, Error)> = None;
         loop {
             while first_err.is_none() && self.machine.in_flight() < self.max_in_flight {
                 let Some(op) = ops.next() else { break };
@@ -525,11 +528,12 @@ impl Client {
             }
             if let Some(c) = self.receive(buf)?
                 && let Err(e) = c.outcome.clone()
+                && first_err.as_ref().is_none_or(|(at, _)| c.offset < *at)
             {
-                first_err.get_or_insert(self.server_error(&c, e));
+                first_err = Some((c.offset, self.server_error(&c, e)));
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(()), |(_, e)| Err(e))
     }
 
     /// Bytes per read or write request: the configured size rounded up to
@@ -573,16 +577,13 @@ impl Client {
     /// ends are read into a small buffer and copied. With structured
     /// replies, holes are zero-filled and the reply is checked to describe
     /// every byte exactly once. On a server error the requests already
-    /// sent are drained, so the connection stays usable, and the first
-    /// error is returned.
+    /// sent are drained, so the connection stays usable, and the failed
+    /// request of the lowest offset is returned.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.check_usable()?;
         let total = buf.len() as u64;
         if total == 0 {
-            return match self.check_range(offset, 0) {
-                Err(e @ Error::OutOfRange { .. }) => Err(e),
-                _ => Ok(()),
-            };
+            return self.nothing_at(offset);
         }
         let end = offset.checked_add(total);
         match self.check_range(offset, total) {
@@ -742,6 +743,124 @@ impl Client {
             });
         }
         Ok(extents)
+    }
+
+    /// A request of no bytes at `offset`: nothing to send, but the offset
+    /// must lie inside the export.
+    fn nothing_at(&self, offset: u64) -> Result<(), Error> {
+        match self.check_range(offset, 0) {
+            Err(e @ Error::OutOfRange { .. }) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks `op`, spanning a whole caller range, before anything is sent:
+    /// everything but its length, which the caller splits.
+    fn check_whole(&self, op: Op) -> Result<(), Error> {
+        match self.machine.check(&op) {
+            Ok(()) | Err(RequestError::TooLong { .. }) => Ok(()),
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Writes `data` at `offset`.
+    ///
+    /// The range must be aligned to the server's block size (or 512 bytes
+    /// when it advertises none): an unaligned write would need a
+    /// read-modify-write that races other writers, so it is refused, as is
+    /// a write to a read-only export, before anything is sent. The data is
+    /// split like a read ([`ClientConfig::read_request`], rounded to the
+    /// preferred block size, at most the maximum payload and 32 MiB) and
+    /// sent straight from `data`, several requests in flight. On a server
+    /// error the requests in flight are drained, so the connection stays
+    /// usable, and the failed request of the lowest offset is returned.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_usable()?;
+        let length = data.len() as u64;
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(Op::Write {
+            offset,
+            length,
+            fua: false,
+        })?;
+        let ops = Self::split(offset, length, self.request_size(), |o, l| Op::Write {
+            offset: o,
+            length: l,
+            fua: false,
+        });
+        self.pipeline(ops, &mut [], (offset, data), "sending write requests")
+    }
+
+    /// Zeroes `length` bytes at `offset` with `NBD_CMD_WRITE_ZEROES`
+    /// (`NBD_FLAG_SEND_WRITE_ZEROES` needed; `flags.fast` needs
+    /// `NBD_FLAG_SEND_FAST_ZERO`, `flags.fua` `NBD_FLAG_SEND_FUA`). Aligned
+    /// as [`Client::write`]; split into requests of at most 2^32 minus
+    /// 64 KiB, several in flight.
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), Error> {
+        self.check_usable()?;
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(Op::WriteZeroes {
+            offset,
+            length,
+            flags,
+        })?;
+        let ops = Self::split(offset, length, self.effect_size(), |o, l| Op::WriteZeroes {
+            offset: o,
+            length: l,
+            flags,
+        });
+        self.pipeline(ops, &mut [], (0, &[]), "sending write zeroes requests")
+    }
+
+    /// Discards `length` bytes at `offset` with `NBD_CMD_TRIM` (needs
+    /// `NBD_FLAG_SEND_TRIM`); what they read afterwards is up to the
+    /// server. Aligned and split as [`Client::write_zeroes`].
+    pub fn trim(&mut self, offset: u64, length: u64) -> Result<(), Error> {
+        self.check_usable()?;
+        let trim = |offset, length| Op::Trim {
+            offset,
+            length,
+            fua: false,
+        };
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(trim(offset, length))?;
+        let ops = Self::split(offset, length, self.effect_size(), trim);
+        self.pipeline(ops, &mut [], (0, &[]), "sending trim requests")
+    }
+
+    /// `NBD_CMD_FLUSH`: every write acknowledged so far is on stable
+    /// storage (needs `NBD_FLAG_SEND_FLUSH`).
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
+        self.check_whole(Op::Flush)?;
+        self.pipeline(
+            std::iter::once(Op::Flush),
+            &mut [],
+            (0, &[]),
+            "sending NBD_CMD_FLUSH",
+        )
+    }
+
+    /// Bytes per write zeroes or trim request: the largest effect length,
+    /// but not past 32 bits even with extended headers (nbdkit's plugin
+    /// calls take 32-bit counts), in whole preferred blocks.
+    fn effect_size(&self) -> u64 {
+        let l = self.machine.limits();
+        let max = l
+            .max_effect
+            .min((1 << 32) - crate::transmission::MAX_MINIMUM_BLOCK);
+        (max / l.preferred * l.preferred).max(l.alignment)
     }
 
     /// Pages the extents of `context` over `range`, neighbours with equal

@@ -26,8 +26,10 @@
 //!
 //! Only [`Client`] touches a socket: it connects by URI over TCP or a Unix
 //! socket, drives the two machines, reads with pipelined requests sized by
-//! the server's block size constraints ([`Client::read`]), pages block
-//! status for any negotiated context ([`Client::block_status`],
+//! the server's block size constraints ([`Client::read`]), writes the same
+//! way ([`Client::write`], [`Client::write_zeroes`], [`Client::trim`],
+//! [`Client::flush`]; refused before sending on a read-only export), pages
+//! block status for any negotiated context ([`Client::block_status`],
 //! [`Client::map`]) and sends `NBD_CMD_DISC` when dropped.
 //!
 //! Errors are typed: [`ProtocolError`] for bytes that break the protocol

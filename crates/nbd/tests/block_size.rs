@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -30,70 +29,6 @@ fn status(c: &mut Client, range: std::ops::Range<u64>) -> Vec<StatusExtent> {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
-}
-
-/// One request as nbdkit's log filter records it.
-#[derive(Debug)]
-struct Logged {
-    connection: u64,
-    kind: String,
-    offset: u64,
-    count: u64,
-}
-
-/// The requests in a log filter's file, in order, of the connections
-/// opened after the first `skip` (those of the oracles run before).
-fn requests(log: &Path, skip: u64) -> Vec<Logged> {
-    let text = std::fs::read_to_string(log).unwrap();
-    let hex = |line: &str, key: &str| {
-        let at = line.find(key)? + key.len();
-        let v = line[at..].split_whitespace().next()?;
-        u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()
-    };
-    text.lines()
-        .filter(|l| !l.contains(" ...") || l.ends_with(" ..."))
-        .filter_map(|l| {
-            let mut words = l.split_whitespace().skip(3);
-            let kind = words.next()?;
-            if !matches!(
-                kind,
-                "Read" | "Write" | "Extents" | "Zero" | "Trim" | "Flush"
-            ) {
-                return None;
-            }
-            let connection = l
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("connection="))?
-                .parse()
-                .ok()?;
-            Some(Logged {
-                connection,
-                kind: kind.into(),
-                offset: hex(l, "offset=").unwrap_or(0),
-                count: hex(l, "count=").unwrap_or(0),
-            })
-        })
-        .filter(|r| r.connection > skip)
-        .collect()
-}
-
-/// How many connections the log has seen so far.
-fn connections(log: &Path) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.split_whitespace()
-        .filter_map(|w| w.strip_prefix("connection=")?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn nbdkit_logged(dir: &Path, args: &[&str]) -> (Server, std::path::PathBuf) {
-    let log = dir.join("requests.log");
-    let sock = dir.join("k.sock");
-    let logfile = format!("logfile={}", log.display());
-    let mut all = vec!["--filter=log"];
-    all.extend_from_slice(args);
-    all.push(&logfile);
-    (start_nbdkit(&sock, &all), log)
 }
 
 /// nbdkit 1.32 aborts on a block status request of 0xffffffff over an
