@@ -389,14 +389,16 @@ pub fn nbd_conversation(data: &[u8]) -> Option<(Vec<Op>, Vec<Completion>, usize)
 }
 
 /// The requests the `nbd_client` target sends, as the client would: a
-/// read of up to 64 KiB at 0 (cookie 1), block status of up to 1 MiB at 0
+/// read of up to 64 KiB (and the maximum payload) at 0 (cookie 1), block status of up to 1 MiB at 0
 /// for every context, and with bit 7 of `opts` a write, write zeroes, trim
 /// and flush at 0 where the export allows them. Returns the read length
 /// and the requests sent.
 pub fn nbd_requests(opts: u8, neg: &Negotiated, t: &mut Transmission) -> (u64, Vec<Op>) {
-    let a = t.limits().alignment;
+    let l = t.limits();
+    let a = l.alignment;
     let mut sent = Vec::new();
-    let read_len = neg.size.min(65536) / a * a;
+    // As Client::read splits: never more than the maximum payload.
+    let read_len = neg.size.min(65536).min(l.max_payload) / a * a;
     if read_len > 0 {
         let op = Op::Read {
             offset: 0,
