@@ -689,7 +689,8 @@ impl Transmission {
         Err(ReplyError { during, source })
     }
 
-    fn misfed(&self, found: usize) -> ReplyError {
+    /// A driver that fed or filled out of turn (a bug in the driver).
+    fn misfed(&self, what: &'static str, found: usize) -> ReplyError {
         let expected = match self.want() {
             Want::Bytes(n) => n,
             _ => 0,
@@ -697,7 +698,7 @@ impl Transmission {
         ReplyError {
             during: self.reading(),
             source: ProtocolError::WrongLength {
-                what: "bytes fed to the transmission machine",
+                what,
                 expected,
                 found,
             },
@@ -706,7 +707,7 @@ impl Transmission {
 
     fn feed_inner(&mut self, input: &[u8]) -> Result<Option<Completion>, ReplyError> {
         if self.want() != Want::Bytes(input.len()) {
-            return Err(self.misfed(input.len()));
+            return Err(self.misfed("bytes fed to the transmission machine", input.len()));
         }
         match self.recv.clone() {
             Recv::Magic => {
@@ -775,7 +776,7 @@ impl Transmission {
                 Ok(Some(Self::completion(cookie, &p, Ok(Reply::Read))))
             }
             Recv::Data { chunk, .. } | Recv::Zero { chunk, .. } => self.end_of_chunk(&chunk),
-            _ => Err(self.misfed(0)),
+            _ => Err(self.misfed("bytes wanted when filled() was called", 0)),
         }
     }
 
