@@ -1,13 +1,12 @@
 //! NBD exports as a [`Source`].
 
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sparsekit_extent::Extent;
-use sparsekit_nbd::map::{BASE_ALLOCATION, QEMU_DIRTY_BITMAP, StatusExtent, allocation_kind};
-use sparsekit_nbd::{Client, ClientConfig, NbdUri};
+use sparsekit_nbd::map::{BASE_ALLOCATION, QEMU_DIRTY_BITMAP, allocation_kind};
+use sparsekit_nbd::{Client, ClientConfig, NbdUri, StatusPager};
 
 use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 
@@ -71,57 +70,16 @@ impl NbdSource {
     }
 
     /// Streams the status extents of `context` over `range`, one
-    /// `NBD_CMD_BLOCK_STATUS` round trip at a time.
+    /// `NBD_CMD_BLOCK_STATUS` round trip at a time, locking the status
+    /// connection only for each round trip.
     pub fn status(&self, context: &str, range: Range<u64>) -> StatusStream<'_> {
         let end = range.end.min(self.size);
-        StatusStream {
-            source: self,
-            context: context.to_owned(),
-            pos: range.start.min(end),
-            end,
-            queue: VecDeque::new(),
-            failed: false,
-        }
+        StatusPager::new(&self.status, context, range.start.min(end)..end)
     }
 }
 
 /// Iterator returned by [`NbdSource::status`]; stops after an error.
-#[derive(Debug)]
-pub struct StatusStream<'a> {
-    source: &'a NbdSource,
-    context: String,
-    pos: u64,
-    end: u64,
-    queue: VecDeque<StatusExtent>,
-    failed: bool,
-}
-
-impl Iterator for StatusStream<'_> {
-    type Item = Result<StatusExtent, sparsekit_nbd::Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if let Some(e) = self.queue.pop_front() {
-            return Some(Ok(e));
-        }
-        if self.failed || self.pos >= self.end {
-            return None;
-        }
-        let got = lock(&self.source.status).block_status_once(&self.context, self.pos..self.end);
-        match got {
-            Ok(v) => {
-                // The client guarantees progress: at least one byte, inside
-                // the range, sorted.
-                self.pos = v.last().map_or(self.end, |e| e.end());
-                self.queue.extend(v);
-                self.queue.pop_front().map(Ok)
-            }
-            Err(e) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-        }
-    }
-}
+pub type StatusStream<'a> = StatusPager<&'a Mutex<Client>>;
 
 impl Source for NbdSource {
     fn name(&self) -> &str {
@@ -146,8 +104,8 @@ impl Source for NbdSource {
     }
 
     fn max_reads(&self) -> Option<usize> {
-        // One read per connection: with 8 workers on 4 connections the W3
-        // export copied in 3.99 s, with 4 in 2.12 s (nbdcopy 2.49 s).
+        // One read per connection: more workers than connections only
+        // queue on the locks (figures in BENCHMARKS.md).
         Some(self.connections())
     }
 

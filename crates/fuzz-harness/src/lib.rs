@@ -16,7 +16,8 @@
 //! - [`qcow2_stream`]: a qcow2 stream through [`StreamDecoder`], read whole
 //!   and in short reads, which must agree.
 //! - [`nbd_client`]: what a server says, to the sans-IO [`Handshake`]
-//!   and then as replies to a read and a block status request.
+//!   and then to the [`Transmission`] the client drives, as replies to a
+//!   read, a block status request and writes.
 //!
 //! The harness bounds only what the libraries legitimately stream without
 //! end of their own (a 2^62-byte disk mapped extent by extent): at most
@@ -36,9 +37,9 @@ use std::sync::OnceLock;
 
 pub mod seeds;
 
-use sparsekit_nbd::reply::{ReadReply, StatusReply};
 use sparsekit_nbd::{
-    Chunk, ContextId, Handshake, HandshakeConfig, HeaderMode, Negotiated, ReplyHeader, StatusExtent,
+    Completion, Handshake, HandshakeConfig, HeaderMode, Negotiated, Op, Reply, Transmission, Want,
+    ZeroFlags,
 };
 use sparsekit_qcow2::{
     GuestOffset, Header, HostCluster, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions,
@@ -346,34 +347,144 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 /// What a server says, as the sans-IO client hears it. The first byte
 /// picks the client's options; the rest is the server's side of the
 /// handshake, fed in the pieces [`Handshake::wanted`] asks for, then its
-/// replies to a read and a block status request, checked the way the
-/// client checks them.
+/// replies, in any order, to the requests [`nbd_requests`] sends: fed to
+/// the very [`Transmission`] the blocking client drives, through the same
+/// [`Transmission::step`].
 pub fn nbd_client(data: &[u8]) {
-    let Some((&opts, mut data)) = data.split_first() else {
-        return;
-    };
-    let Some(neg) = handshake(opts, &mut data) else {
-        return;
-    };
+    let _ = nbd_conversation(data);
+}
+
+/// What [`nbd_client`] runs: the requests sent, the completions received,
+/// and the bytes left over; `None` when the handshake does not finish.
+pub fn nbd_conversation(data: &[u8]) -> Option<(Vec<Op>, Vec<Completion>, usize)> {
+    let (&opts, mut data) = data.split_first()?;
+    let neg = handshake(opts, &mut data)?;
     let bs = neg.block_size;
     assert!(bs.minimum.is_power_of_two() && bs.minimum <= bs.preferred.max(bs.minimum));
-    let ids: Vec<ContextId> = neg.contexts.iter().map(|c| c.id).collect();
-
-    // A read of up to 64 KiB at 0, then block status of up to 1 MiB at 0.
-    let len = neg.size.min(65536) / u64::from(bs.minimum) * u64::from(bs.minimum);
-    if len > 0 {
-        read_reply(&neg, len, &mut data);
+    let mut t = Transmission::new(&neg);
+    let l = t.limits();
+    assert!(l.alignment.is_power_of_two() && l.preferred.is_multiple_of(l.alignment));
+    assert!(l.max_payload.is_multiple_of(l.alignment) && l.max_payload <= 32 << 20);
+    assert!(l.max_effect.is_multiple_of(l.alignment));
+    if neg.mode != HeaderMode::Extended {
+        assert!(
+            l.max_effect <= (1 << 32) - 65536,
+            "compact effect {:#x}",
+            l.max_effect
+        );
     }
-    let len = neg.size.min(1 << 20);
-    if len > 0 && !ids.is_empty() && neg.mode.structured() {
-        status_reply(&neg, len, opts & 0x40 != 0, ids, &mut data);
+
+    let (read_len, sent) = nbd_requests(opts, &neg, &mut t);
+    t.clear_output();
+    let mut buf = vec![0u8; read_len as usize];
+    let mut source = |dst: &mut [u8]| data.read_exact(dst);
+    let mut done = Vec::new();
+    while t.want() != Want::Nothing {
+        match t.step(&mut buf, &mut source) {
+            Ok(Some(c)) => {
+                completed(&neg, &c);
+                done.push(c);
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+    }
+    Some((sent, done, data.len()))
+}
+
+/// The requests the `nbd_client` target sends, as the client would: a
+/// read of up to 64 KiB (and the maximum payload) at 0 (cookie 1), block status of up to 1 MiB at 0
+/// for every context, and with bit 7 of `opts` a write, write zeroes, trim
+/// and flush at 0 where the export allows them. Returns the read length
+/// and the requests sent.
+pub fn nbd_requests(opts: u8, neg: &Negotiated, t: &mut Transmission) -> (u64, Vec<Op>) {
+    let l = t.limits();
+    let a = l.alignment;
+    let mut sent = Vec::new();
+    // As Client::read splits: never more than the maximum payload.
+    let read_len = neg.size.min(65536).min(l.max_payload) / a * a;
+    if read_len > 0 {
+        let op = Op::Read {
+            offset: 0,
+            length: read_len,
+            dest: 0,
+        };
+        t.request(op).expect("an aligned read inside the export");
+        sent.push(op);
+    }
+    if neg.size > 0 && neg.mode.structured() && !neg.contexts.is_empty() {
+        let op = Op::BlockStatus {
+            offset: 0,
+            length: neg.size.min(1 << 20),
+            req_one: opts & 0x40 != 0,
+        };
+        t.request(op).expect("status inside the export");
+        sent.push(op);
+    }
+    if opts & 0x80 != 0 && read_len > 0 {
+        let length = a;
+        let ops = [
+            Op::Write {
+                offset: 0,
+                length,
+                fua: true,
+            },
+            Op::WriteZeroes {
+                offset: 0,
+                length,
+                flags: ZeroFlags {
+                    no_hole: true,
+                    fast: true,
+                    fua: false,
+                },
+            },
+            Op::Trim {
+                offset: 0,
+                length,
+                fua: false,
+            },
+            Op::Flush,
+        ];
+        for op in ops {
+            // Refused when the export does not offer it: nothing is sent.
+            if t.request(op).is_ok() {
+                sent.push(op);
+            }
+        }
+    }
+    (read_len, sent)
+}
+
+/// A completed request: its reply must lie inside the request; block
+/// status becomes the maps the tools print.
+fn completed(neg: &Negotiated, c: &Completion) {
+    let Ok(Reply::Status(results)) = &c.outcome else {
+        return;
+    };
+    let range = c.offset..c.offset + c.length;
+    for (id, descriptors) in results {
+        let name = neg
+            .contexts
+            .iter()
+            .find(|x| x.id == *id)
+            .map_or("", |x| x.name.as_str());
+        // Clipped to the request, as `Client::block_status_once` does.
+        let extents = sparsekit_nbd::status::clip(c.offset, descriptors, &range);
+        for e in &extents {
+            assert!(e.offset >= range.start && e.end() <= range.end, "{e:?}");
+            let _ = e.to_extent();
+            let _ = sparsekit_nbd::map::nbdinfo_description(name, e.flags);
+        }
+        let _ = sparsekit_nbd::map::nbdinfo_map(name, extents.iter().copied());
+        let _ = sparsekit_nbd::map::qemu_img_map(extents);
     }
 }
 
 /// What the client asks for, from the first byte of the input: bit 0
 /// structured replies, bit 1 extended headers, bit 2 list contexts, bit 3
 /// a named export, bits 4-5 no context, `base:allocation`, or that and a
-/// dirty bitmap; bit 6 (used later) `NBD_CMD_FLAG_REQ_ONE`.
+/// dirty bitmap; bits 6 and 7 are for [`nbd_requests`]:
+/// `NBD_CMD_FLAG_REQ_ONE`, and writes.
 fn nbd_config(opts: u8) -> HandshakeConfig {
     let contexts = match opts >> 4 & 3 {
         0 => vec![],
@@ -413,125 +524,4 @@ fn handshake(opts: u8, data: &mut &[u8]) -> Option<Negotiated> {
     };
     assert!(hs.is_done() && hs.wanted() == 0);
     Some(neg)
-}
-
-/// Reads one reply header off `data`.
-fn reply_header(mode: HeaderMode, data: &mut &[u8]) -> Option<ReplyHeader> {
-    let magic = take(data, 4)?;
-    let len = ReplyHeader::len_for_magic(magic.try_into().expect("4 bytes"), mode).ok()?;
-    let rest = take(data, len - 4)?;
-    let whole = [magic, rest].concat();
-    ReplyHeader::parse(&whole, mode).ok()
-}
-
-/// The replies to `NBD_CMD_READ` of `len` bytes at 0 (cookie 1), as
-/// `Client::read` takes them: every byte the tracker hands out lands
-/// inside the request's buffer.
-fn read_reply(neg: &Negotiated, len: u64, data: &mut &[u8]) {
-    let mode = neg.mode;
-    let mut buf = vec![0u8; len as usize];
-    let mut tracker = ReadReply::new(0, len);
-    loop {
-        let Some(h) = reply_header(mode, data) else {
-            return;
-        };
-        let h = match h {
-            ReplyHeader::Simple { error, .. } => {
-                if error == 0 && !mode.structured() {
-                    let _ = take(data, len as usize);
-                }
-                return;
-            }
-            ReplyHeader::Chunk(h) => h,
-        };
-        let Ok(n) = Chunk::check_len(&h, mode, len) else {
-            return;
-        };
-        if h.chunk_type == sparsekit_nbd::ChunkType::OFFSET_DATA {
-            let Some(prefix) = take(data, Chunk::DATA_PREFIX_LEN) else {
-                return;
-            };
-            let at = Chunk::data_prefix(prefix).expect("8 bytes");
-            let Ok(r) = tracker.data(at, n) else {
-                return;
-            };
-            let Some(bytes) = take(data, n as usize) else {
-                return;
-            };
-            buf[r].copy_from_slice(bytes);
-        } else {
-            let Some(payload) = take(data, n as usize) else {
-                return;
-            };
-            let Ok(chunk) = Chunk::parse(&h, mode, payload) else {
-                return;
-            };
-            match tracker.chunk(chunk) {
-                Ok(Some(z)) => buf[z].fill(0),
-                Ok(None) => {}
-                Err(_) => return,
-            }
-        }
-        if h.done() {
-            let _ = tracker.finish();
-            return;
-        }
-    }
-}
-
-/// The replies to `NBD_CMD_BLOCK_STATUS` of `len` bytes at 0 for every
-/// negotiated context, then the extents turned into maps.
-fn status_reply(neg: &Negotiated, len: u64, req_one: bool, ids: Vec<ContextId>, data: &mut &[u8]) {
-    let mode = neg.mode;
-    let mut tracker = StatusReply::new(0, len, req_one, ids);
-    loop {
-        let Some(ReplyHeader::Chunk(h)) = reply_header(mode, data) else {
-            return;
-        };
-        let Ok(n) = Chunk::check_len(&h, mode, 0) else {
-            return;
-        };
-        let Some(payload) = take(data, n as usize) else {
-            return;
-        };
-        let Ok(chunk) = Chunk::parse(&h, mode, payload) else {
-            return;
-        };
-        if tracker.chunk(chunk).is_err() {
-            return;
-        }
-        if h.done() {
-            break;
-        }
-    }
-    let Ok(Ok(results)) = tracker.finish() else {
-        return;
-    };
-    for (id, descriptors) in results {
-        let name = neg
-            .contexts
-            .iter()
-            .find(|c| c.id == id)
-            .map_or("", |c| c.name.as_str());
-        // Clipped to the request, as `Client::block_status_once` does.
-        let mut at = 0u64;
-        let mut extents = Vec::new();
-        for d in descriptors {
-            let end = at.saturating_add(d.length);
-            if at < end.min(len) {
-                extents.push(StatusExtent {
-                    offset: at,
-                    length: end.min(len) - at,
-                    flags: d.flags,
-                });
-            }
-            at = end;
-        }
-        for e in &extents {
-            let _ = e.to_extent();
-            let _ = sparsekit_nbd::map::nbdinfo_description(name, e.flags);
-        }
-        let _ = sparsekit_nbd::map::nbdinfo_map(name, extents.iter().copied());
-        let _ = sparsekit_nbd::map::qemu_img_map(extents);
-    }
 }

@@ -8,7 +8,10 @@ use sparsekit_nbd::wire::{
     IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT,
     NBD_MAGIC, NBD_REPLY_FLAG_DONE, OPTION_REPLY_MAGIC, Opt, RepType,
 };
-use sparsekit_nbd::{ChunkHeader, ChunkType, Cookie, Handshake, HeaderMode, ReplyHeader};
+use sparsekit_nbd::{
+    ChunkHeader, ChunkType, Cookie, Handshake, HeaderMode, Negotiated, Op, ReplyHeader,
+    Transmission, TransmissionFlags,
+};
 use sparsekit_qcow2::{StreamLayout, write_stream};
 
 /// Streams of small disks written by [`write_stream`]: several cluster
@@ -62,6 +65,8 @@ struct Server {
     /// Send `NBD_INFO_BLOCK_SIZE` with a minimum of 512.
     block_size: bool,
     size: u64,
+    /// Transmission flags.
+    flags: u16,
 }
 
 fn opt_reply(out: &mut Vec<u8>, opt: Opt, t: RepType, payload: &[u8]) {
@@ -116,7 +121,7 @@ fn answer(s: Server, client: &[u8], first: bool, out: &mut Vec<u8>) {
             Opt::GO => {
                 let mut p = NBD_INFO_EXPORT.to_be_bytes().to_vec();
                 p.extend_from_slice(&s.size.to_be_bytes());
-                p.extend_from_slice(&0x0001u16.to_be_bytes()); // has flags
+                p.extend_from_slice(&s.flags.to_be_bytes());
                 opt_reply(out, opt, RepType::INFO, &p);
                 if s.block_size {
                     let mut p = NBD_INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -129,7 +134,7 @@ fn answer(s: Server, client: &[u8], first: bool, out: &mut Vec<u8>) {
             }
             Opt::EXPORT_NAME => {
                 out.extend_from_slice(&s.size.to_be_bytes());
-                out.extend_from_slice(&0x0001u16.to_be_bytes());
+                out.extend_from_slice(&s.flags.to_be_bytes());
                 if !s.no_zeroes {
                     out.extend_from_slice(&[0; 124]);
                 }
@@ -139,11 +144,18 @@ fn answer(s: Server, client: &[u8], first: bool, out: &mut Vec<u8>) {
     }
 }
 
-fn chunk(out: &mut Vec<u8>, mode: HeaderMode, flags: u16, t: ChunkType, payload: &[u8]) {
+fn chunk(
+    out: &mut Vec<u8>,
+    mode: HeaderMode,
+    cookie: Cookie,
+    flags: u16,
+    t: ChunkType,
+    payload: &[u8],
+) {
     ReplyHeader::Chunk(ChunkHeader {
         flags,
         chunk_type: t,
-        cookie: Cookie(1),
+        cookie,
         offset: (mode == HeaderMode::Extended).then_some(0),
         payload_len: payload.len() as u64,
     })
@@ -151,8 +163,87 @@ fn chunk(out: &mut Vec<u8>, mode: HeaderMode, flags: u16, t: ChunkType, payload:
     out.extend_from_slice(payload);
 }
 
+/// An error chunk's payload: error, message length, message, and the
+/// offset for `NBD_REPLY_TYPE_ERROR_OFFSET`.
+fn error_payload(errno: u32, message: &[u8], offset: Option<u64>) -> Vec<u8> {
+    let mut p = errno.to_be_bytes().to_vec();
+    p.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    p.extend_from_slice(message);
+    if let Some(o) = offset {
+        p.extend_from_slice(&o.to_be_bytes());
+    }
+    p
+}
+
+/// The server's reply to `op`, sent with `cookie`.
+fn reply(out: &mut Vec<u8>, neg: &Negotiated, cookie: Cookie, op: Op) {
+    let mode = neg.mode;
+    let done = NBD_REPLY_FLAG_DONE;
+    match op {
+        Op::Read { length, .. } if mode.structured() => {
+            let half = length / 2 / 512 * 512;
+            if half > 0 {
+                let mut p = 0u64.to_be_bytes().to_vec();
+                p.extend((0..half).map(|i| i as u8));
+                chunk(out, mode, cookie, 0, ChunkType::OFFSET_DATA, &p);
+            }
+            let mut p = half.to_be_bytes().to_vec();
+            p.extend_from_slice(&((length - half) as u32).to_be_bytes());
+            chunk(out, mode, cookie, done, ChunkType::OFFSET_HOLE, &p);
+        }
+        Op::Read { length, .. } => {
+            ReplyHeader::Simple { cookie, error: 0 }.encode(out);
+            out.extend((0..length).map(|i| (i * 7) as u8));
+        }
+        Op::BlockStatus {
+            length, req_one, ..
+        } => {
+            let last = neg.contexts.len();
+            let both = [(length / 2, 0u64), (length - length / 2, 3)];
+            // NBD_CMD_FLAG_REQ_ONE: one descriptor, at most the request.
+            let descriptors = if req_one { &both[..1] } else { &both[..] };
+            for (i, c) in neg.contexts.iter().enumerate() {
+                let flags = if i + 1 == last { done } else { 0 };
+                let mut p = c.id.0.to_be_bytes().to_vec();
+                if mode == HeaderMode::Extended {
+                    p.extend_from_slice(&(descriptors.len() as u32).to_be_bytes());
+                    for &(l, f) in descriptors {
+                        p.extend_from_slice(&l.to_be_bytes());
+                        p.extend_from_slice(&f.to_be_bytes());
+                    }
+                    chunk(out, mode, cookie, flags, ChunkType::BLOCK_STATUS_EXT, &p);
+                } else {
+                    for &(l, f) in descriptors {
+                        p.extend_from_slice(&(l as u32).to_be_bytes());
+                        p.extend_from_slice(&(f as u32).to_be_bytes());
+                    }
+                    chunk(out, mode, cookie, flags, ChunkType::BLOCK_STATUS, &p);
+                }
+            }
+        }
+        // Without structured replies everything else is a simple reply.
+        _ if !mode.structured() => ReplyHeader::Simple { cookie, error: 0 }.encode(out),
+        // Simple replies are still allowed with structured ones.
+        Op::Write { .. } if mode == HeaderMode::Structured => {
+            ReplyHeader::Simple { cookie, error: 0 }.encode(out)
+        }
+        Op::Write { .. } | Op::WriteZeroes { .. } => {
+            chunk(out, mode, cookie, done, ChunkType::NONE, &[])
+        }
+        Op::Trim { offset, .. } => {
+            let p = error_payload(5, b"bad sector", Some(offset));
+            chunk(out, mode, cookie, done, ChunkType::ERROR_OFFSET, &p);
+        }
+        Op::Flush => {
+            let p = error_payload(28, b"", None);
+            chunk(out, mode, cookie, done, ChunkType::ERROR, &p);
+        }
+    }
+}
+
 /// One whole conversation: the option byte of [`crate::nbd_client`], the
-/// server's handshake, its reply to the read and to block status.
+/// server's handshake, then its replies to the requests
+/// [`crate::nbd_requests`] sends, last request first.
 fn transcript(opts: u8, s: Server) -> Vec<u8> {
     let mut hs = Handshake::new(crate::nbd_config(opts)).expect("a valid config");
     let mut server = Vec::new();
@@ -180,61 +271,11 @@ fn transcript(opts: u8, s: Server) -> Vec<u8> {
     };
     assert_eq!(fed, server.len(), "the client read everything");
 
-    let mode = neg.mode;
-    let min = u64::from(neg.block_size.minimum);
-    let len = neg.size.min(65536) / min * min;
-    if len > 0 {
-        if mode.structured() {
-            let half = len / 2 / min * min;
-            if half > 0 {
-                let mut p = 0u64.to_be_bytes().to_vec();
-                p.extend((0..half).map(|i| i as u8));
-                chunk(&mut server, mode, 0, ChunkType::OFFSET_DATA, &p);
-            }
-            let mut p = half.to_be_bytes().to_vec();
-            p.extend_from_slice(&((len - half) as u32).to_be_bytes());
-            chunk(
-                &mut server,
-                mode,
-                NBD_REPLY_FLAG_DONE,
-                ChunkType::OFFSET_HOLE,
-                &p,
-            );
-        } else {
-            ReplyHeader::Simple {
-                cookie: Cookie(1),
-                error: 0,
-            }
-            .encode(&mut server);
-            server.extend((0..len).map(|i| (i * 7) as u8));
-        }
-    }
-    let len = neg.size.min(1 << 20);
-    if len > 0 && mode.structured() {
-        let last = neg.contexts.len();
-        for (i, c) in neg.contexts.iter().enumerate() {
-            let flags = if i + 1 == last {
-                NBD_REPLY_FLAG_DONE
-            } else {
-                0
-            };
-            let descriptors = [(len / 2, 0u64), (len - len / 2, 3)];
-            let mut p = c.id.0.to_be_bytes().to_vec();
-            if mode == HeaderMode::Extended {
-                p.extend_from_slice(&2u32.to_be_bytes());
-                for (l, f) in descriptors {
-                    p.extend_from_slice(&l.to_be_bytes());
-                    p.extend_from_slice(&f.to_be_bytes());
-                }
-                chunk(&mut server, mode, flags, ChunkType::BLOCK_STATUS_EXT, &p);
-            } else {
-                for (l, f) in descriptors {
-                    p.extend_from_slice(&(l as u32).to_be_bytes());
-                    p.extend_from_slice(&(f as u32).to_be_bytes());
-                }
-                chunk(&mut server, mode, flags, ChunkType::BLOCK_STATUS, &p);
-            }
-        }
+    let mut t = Transmission::new(&neg);
+    let (_, sent) = crate::nbd_requests(opts, &neg, &mut t);
+    // Cookies count from 1 in the order the requests were sent.
+    for (i, op) in sent.iter().enumerate().rev() {
+        reply(&mut server, &neg, Cookie(i as u64 + 1), *op);
     }
     let mut input = vec![opts];
     input.extend_from_slice(&server);
@@ -243,7 +284,8 @@ fn transcript(opts: u8, s: Server) -> Vec<u8> {
 
 /// Server transcripts for the `nbd_client` target: compact and extended
 /// headers, simple replies, `NBD_OPT_EXPORT_NAME` with and without the
-/// zero padding, context listing, one and two contexts.
+/// zero padding, context listing, one and two contexts, and replies to
+/// writes, write zeroes, trim and flush (acknowledged and refused).
 pub fn nbd_transcripts() -> Vec<(String, Vec<u8>)> {
     let base = Server {
         extended: true,
@@ -251,8 +293,18 @@ pub fn nbd_transcripts() -> Vec<(String, Vec<u8>)> {
         no_zeroes: true,
         block_size: true,
         size: 1 << 20,
+        flags: TransmissionFlags::HAS_FLAGS,
     };
-    let cases: [(&str, u8, Server); 8] = [
+    let writable = Server {
+        flags: TransmissionFlags::HAS_FLAGS
+            | TransmissionFlags::SEND_FLUSH
+            | TransmissionFlags::SEND_FUA
+            | TransmissionFlags::SEND_TRIM
+            | TransmissionFlags::SEND_WRITE_ZEROES
+            | TransmissionFlags::SEND_FAST_ZERO,
+        ..base
+    };
+    let cases: [(&str, u8, Server); 11] = [
         ("structured-base", 0x11, base),
         ("extended-two-contexts", 0x23, base),
         (
@@ -297,6 +349,9 @@ pub fn nbd_transcripts() -> Vec<(String, Vec<u8>)> {
             },
         ),
         ("req-one", 0x51, base),
+        ("writes", 0x91, writable),
+        ("writes-extended", 0x93, writable),
+        ("writes-simple", 0x80, writable),
     ];
     cases
         .iter()
@@ -309,13 +364,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_transcript_negotiates_and_is_consumed() {
+    fn every_transcript_completes_every_request() {
+        use sparsekit_nbd::{Command, Errno, Reply};
+        let mut commands = std::collections::BTreeSet::new();
         for (name, t) in nbd_transcripts() {
-            let mut data = &t[1..];
-            let neg = crate::handshake(t[0], &mut data).expect(&name);
-            assert!(neg.size > 0, "{name}");
-            crate::nbd_client(&t);
+            let (sent, done, left) = crate::nbd_conversation(&t).expect(&name);
+            assert!(!sent.is_empty(), "{name}");
+            assert_eq!(done.len(), sent.len(), "{name}: {done:?}");
+            assert_eq!(left, 0, "{name}: bytes left over");
+            for c in done {
+                commands.insert(c.command.0);
+                let errno = c.outcome.as_ref().err().map(|e| e.errno);
+                match c.command {
+                    Command::READ => assert_eq!(c.outcome, Ok(Reply::Read), "{name}"),
+                    Command::BLOCK_STATUS => {
+                        assert!(matches!(c.outcome, Ok(Reply::Status(_))), "{name}")
+                    }
+                    Command::TRIM if t[0] & 1 != 0 => assert_eq!(errno, Some(Errno::EIO)),
+                    Command::FLUSH if t[0] & 1 != 0 => assert_eq!(errno, Some(Errno::ENOSPC)),
+                    _ => assert_eq!(c.outcome, Ok(Reply::Ack), "{name}"),
+                }
+            }
         }
+        // Every command with a reply is exercised.
+        assert_eq!(commands.into_iter().collect::<Vec<_>>(), [0, 1, 3, 4, 6, 7]);
     }
 
     #[test]

@@ -2,13 +2,17 @@
 //! touches a socket.
 //!
 //! [`Client::connect`] opens the socket and drives the sans-IO
-//! [`Handshake`]; [`Client::read`] reads into a caller's buffer, splitting
-//! at the server's maximum and keeping several requests in flight;
-//! [`Client::block_status`] streams the extents of any negotiated metadata
-//! context; [`Client::map`] gives the `base:allocation` map as shared
-//! [`Extent`]s. Every socket operation is bounded by the configured timeout.
+//! [`Handshake`]; after it, [`Client`] is a thin driver of the sans-IO
+//! [`Transmission`]: it writes the request bytes the machine produces and
+//! reads exactly what the machine wants, with every socket operation
+//! bounded by the configured timeout.
+//!
+//! [`Client::read`] reads into a caller's buffer, split into requests the
+//! server's block size constraints allow and several of them in flight;
+//! [`Client::block_status`] pages the extents of any negotiated metadata
+//! context ([`StatusPager`]); [`Client::map`] gives the `base:allocation`
+//! map as shared [`Extent`]s.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::ops::Range;
@@ -18,19 +22,19 @@ use std::time::Duration;
 
 use sparsekit_extent::{Extent, ExtentIterExt};
 
-use crate::error::{Error, HandshakeError, ProtocolError};
+use crate::error::{Error, HandshakeError, RequestError};
 use crate::handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
 use crate::map::{BASE_ALLOCATION, StatusExtent};
-use crate::reply::{ReadReply, ServerError, StatusReply};
+use crate::reply::ServerError;
+use crate::status::{StatusPager, clip};
+use crate::transmission::{Completion, Op, Reply, StepError, Transmission, ZeroFlags};
+use crate::types::{ContextId, Errno, HeaderMode};
 use crate::uri::{NbdUri, Transport};
-use crate::wire::{
-    Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,
-    ReplyHeader, Request, TransmissionFlags,
-};
+use crate::wire::TransmissionFlags;
 
-/// Largest read sent in one request, whatever the server allows (2^25,
-/// the size every server must accept).
-pub const MAX_READ_REQUEST: u32 = 32 * 1024 * 1024;
+/// Largest read sent in one request, whatever the server allows: 2^25,
+/// the size every server must accept ([`crate::transmission::MAX_PAYLOAD`]).
+pub const MAX_READ_REQUEST: u32 = crate::transmission::MAX_PAYLOAD as u32;
 
 /// Default bytes per read request: [`ClientConfig::read_request`].
 pub const DEFAULT_READ_REQUEST: u32 = 256 * 1024;
@@ -51,10 +55,11 @@ pub struct ClientConfig {
     pub timeout: Option<Duration>,
     /// Requests kept in flight on one connection (default 16, at least 1).
     pub max_in_flight: usize,
-    /// Bytes asked for by one read request (default 256 KiB, as nbdcopy):
-    /// a long read is split into requests of this size, all in flight at
-    /// once, so the server reads some while it sends others. Rounded to the
-    /// server's minimum block size and capped by its maximum.
+    /// Bytes asked for by one read or write request (default 256 KiB, as
+    /// nbdcopy): a long read is split into requests of this size, several
+    /// in flight at once, so the server reads some while it sends others.
+    /// Rounded up to the server's preferred block size and capped by its
+    /// maximum payload and 32 MiB.
     pub read_request: u32,
 }
 
@@ -124,43 +129,6 @@ impl Write for Stream {
     }
 }
 
-/// A request on the wire whose reply is not complete yet.
-#[derive(Debug)]
-enum Pending {
-    Read {
-        offset: u64,
-        length: u64,
-        /// Where this request's bytes start in the caller's buffer.
-        buf_start: usize,
-        tracker: ReadReply,
-    },
-    Status {
-        offset: u64,
-        length: u64,
-        tracker: StatusReply,
-    },
-}
-
-impl Pending {
-    fn what(&self) -> (Command, u64, u64) {
-        match self {
-            Pending::Read { offset, length, .. } => (Command::READ, *offset, *length),
-            Pending::Status { offset, length, .. } => (Command::BLOCK_STATUS, *offset, *length),
-        }
-    }
-}
-
-/// A request whose reply is complete: its cookie and outcome (a server
-/// error leaves the connection usable).
-type Completed = (Cookie, Result<Finished, Error>);
-
-/// What a completed request produced.
-#[derive(Debug)]
-enum Finished {
-    Read,
-    Status(Vec<(ContextId, Vec<Descriptor>)>),
-}
-
 /// A connection to one NBD export.
 ///
 /// Dropping it sends `NBD_CMD_DISC` (unless an error left the connection
@@ -170,13 +138,13 @@ pub struct Client {
     stream: Stream,
     uri: String,
     neg: Negotiated,
+    machine: Transmission,
     timeout: Option<Duration>,
     max_in_flight: usize,
     read_request: u32,
     /// The server refused a status request longer than its maximum
     /// payload: ask for no more from now on.
     status_within_payload: bool,
-    next_cookie: u64,
     poisoned: bool,
     disconnected: bool,
 }
@@ -283,25 +251,27 @@ impl Client {
         stream
             .set_timeouts(config.timeout)
             .map_err(|e| io_error(&shown, "setting socket timeouts".into(), e, config.timeout))?;
+        // Placeholders until the handshake says what was negotiated.
+        let neg = Negotiated {
+            export: export.into(),
+            size: 0,
+            flags: TransmissionFlags::default(),
+            block_size: BlockSize::default(),
+            mode: HeaderMode::Simple,
+            contexts: Vec::new(),
+            available_contexts: None,
+            description: None,
+            canonical_name: None,
+        };
         let mut c = Client {
             stream,
             uri: shown,
-            neg: Negotiated {
-                export: export.into(),
-                size: 0,
-                flags: TransmissionFlags::default(),
-                block_size: BlockSize::default(),
-                mode: HeaderMode::Simple,
-                contexts: Vec::new(),
-                available_contexts: None,
-                description: None,
-                canonical_name: None,
-            },
+            machine: Transmission::new(&neg),
+            neg,
             timeout: config.timeout,
             max_in_flight: config.max_in_flight.max(1),
             read_request: config.read_request.max(1),
             status_within_payload: false,
-            next_cookie: 1,
             poisoned: false,
             // No NBD_CMD_DISC until the transmission phase is reached.
             disconnected: true,
@@ -335,6 +305,7 @@ impl Client {
                     if !out.is_empty() {
                         c.write_all(&out, "sending handshake options")?;
                     }
+                    c.machine = Transmission::new(&neg);
                     c.neg = neg;
                     c.disconnected = false;
                     return Ok(c);
@@ -398,6 +369,11 @@ impl Client {
     pub fn block_size(&self) -> BlockSize {
         self.neg.block_size
     }
+    /// How requests are sized on this connection (alignment, preferred
+    /// size, largest payload and effect length).
+    pub fn limits(&self) -> crate::transmission::Limits {
+        self.machine.limits()
+    }
     /// Header layout in use.
     pub fn mode(&self) -> HeaderMode {
         self.neg.mode
@@ -422,7 +398,7 @@ impl Client {
     }
 
     fn check_usable(&self) -> Result<(), Error> {
-        if self.poisoned || self.disconnected {
+        if self.poisoned || self.disconnected || self.machine.is_failed() {
             return Err(Error::Poisoned {
                 uri: self.uri.clone(),
             });
@@ -430,289 +406,236 @@ impl Client {
         Ok(())
     }
 
-    fn check_range(&self, offset: u64, length: u64) -> Result<(), Error> {
-        if offset
-            .checked_add(length)
-            .is_none_or(|end| end > self.neg.size)
-        {
-            return Err(Error::OutOfRange {
-                uri: self.uri.clone(),
+    /// A refusal of the transmission machine, as a client error.
+    fn refused(&self, reason: RequestError) -> Error {
+        let uri = self.uri.clone();
+        match reason {
+            RequestError::OutOfRange {
                 offset,
                 length,
-                size: self.neg.size,
-            });
+                size,
+            } => Error::OutOfRange {
+                uri,
+                offset,
+                length,
+                size,
+            },
+            RequestError::Unaligned {
+                offset,
+                length,
+                alignment,
+            } => Error::Unaligned {
+                uri,
+                offset,
+                length,
+                minimum: u32::try_from(alignment).unwrap_or(u32::MAX),
+            },
+            RequestError::Failed { .. } | RequestError::Disconnected { .. } => {
+                Error::Poisoned { uri }
+            }
+            reason => Error::Request { uri, reason },
         }
-        Ok(())
     }
 
-    fn cookie(&mut self) -> Cookie {
-        let c = Cookie(self.next_cookie);
-        self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
-        c
+    /// Checks `offset..offset + length` (range and alignment)
+    /// before anything is sent.
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), Error> {
+        self.machine
+            .check_range(offset, length)
+            .map_err(|e| self.refused(e))
     }
 
-    fn protocol(&mut self, during: String, source: ProtocolError) -> Error {
-        self.poisoned = true;
-        Error::Protocol {
-            uri: self.uri.clone(),
-            during,
-            source,
-        }
-    }
-
-    fn server_error(&self, cmd: Command, offset: u64, length: u64, e: ServerError) -> Error {
+    fn server_error(&self, c: &Completion, e: ServerError) -> Error {
         Error::Server {
             uri: self.uri.clone(),
-            command: cmd,
-            offset,
-            length,
+            command: c.command,
+            offset: c.offset,
+            length: c.length,
             errno: e.errno,
             message: e.message,
             at: e.offset,
         }
     }
 
-    /// Reads one reply message and routes it to its pending request.
-    /// Returns the cookie and outcome when that request's reply is
-    /// complete. Errors returned directly are fatal for the connection.
-    fn recv(
-        &mut self,
-        pending: &mut HashMap<Cookie, Pending>,
-        buf: &mut [u8],
-    ) -> Result<Option<Completed>, Error> {
-        let mode = self.neg.mode;
-        let mut head = [0u8; 32];
-        self.read_exact(&mut head[..4], "reading a reply header")?;
-        let len = ReplyHeader::len_for_magic(head[..4].try_into().expect("4 bytes"), mode)
-            .map_err(|e| self.protocol("reading a reply header".into(), e))?;
-        self.read_exact(&mut head[4..len], "reading a reply header")?;
-        let header = ReplyHeader::parse(&head[..len], mode)
-            .map_err(|e| self.protocol("reading a reply header".into(), e))?;
-        match header {
-            ReplyHeader::Simple { cookie, error } => {
-                let Some(p) = pending.remove(&cookie) else {
-                    return Err(self.protocol(
-                        "reading a simple reply".into(),
-                        ProtocolError::UnknownCookie { cookie },
-                    ));
-                };
-                let (cmd, offset, length) = p.what();
-                let during = format!("reply to {cmd} at {offset:#x}+{length:#x}");
-                if error != 0 {
-                    let e = ServerError {
-                        errno: crate::wire::Errno(error),
-                        message: String::new(),
-                        offset: None,
-                    };
-                    return Ok(Some((
-                        cookie,
-                        Err(self.server_error(cmd, offset, length, e)),
-                    )));
-                }
-                match p {
-                    Pending::Read { buf_start, .. } => {
-                        if mode.structured() {
-                            return Err(
-                                self.protocol(during, ProtocolError::SimpleReplyToStructuredRead)
-                            );
-                        }
-                        let dst = &mut buf[buf_start..buf_start + length as usize];
-                        self.read_exact(dst, &during)?;
-                        Ok(Some((cookie, Ok(Finished::Read))))
-                    }
-                    Pending::Status { .. } => Err(self.protocol(
-                        during,
-                        ProtocolError::UnexpectedReplyMagic {
-                            magic: crate::wire::SIMPLE_REPLY_MAGIC,
-                            mode,
-                        },
-                    )),
-                }
-            }
-            ReplyHeader::Chunk(h) => self.chunk(h, pending, buf),
+    /// Sends what the machine has queued.
+    fn send_output(&mut self, during: &str) -> Result<(), Error> {
+        if self.machine.output().is_empty() {
+            return Ok(());
         }
+        let r = self.stream.write_all(self.machine.output());
+        self.machine.clear_output();
+        r.map_err(|e| {
+            self.poisoned = true;
+            io_error(&self.uri, during.into(), e, self.timeout)
+        })
     }
 
-    fn chunk(
-        &mut self,
-        h: ChunkHeader,
-        pending: &mut HashMap<Cookie, Pending>,
-        buf: &mut [u8],
-    ) -> Result<Option<Completed>, Error> {
-        let mode = self.neg.mode;
-        let cookie = h.cookie;
-        let Some(p) = pending.get_mut(&cookie) else {
-            return Err(self.protocol(
-                format!("reading a {} chunk", h.chunk_type),
-                ProtocolError::UnknownCookie { cookie },
-            ));
-        };
-        let (cmd, offset, length) = p.what();
-        let during = format!("reply to {cmd} at {offset:#x}+{length:#x}");
-        let max_data = match p {
-            Pending::Read { length, .. } => *length,
-            Pending::Status { .. } => 0,
-        };
-        let checked = Chunk::check_len(&h, mode, max_data);
-        let n = match checked {
-            Ok(n) => n,
-            Err(e) => return Err(self.protocol(during, e)),
-        };
-        if h.chunk_type == ChunkType::OFFSET_DATA {
-            let Pending::Read {
-                buf_start, tracker, ..
-            } = p
-            else {
-                return Err(self.protocol(
-                    during,
-                    ProtocolError::ChunkForWrongCommand {
-                        chunk_type: h.chunk_type,
-                        command: cmd,
-                    },
-                ));
-            };
-            let buf_start = *buf_start;
-            let mut prefix = [0u8; 8];
-            self.stream
-                .read_exact(&mut prefix)
-                .map_err(|e| io_error(&self.uri, during.clone(), e, self.timeout))
-                .inspect_err(|_| self.poisoned = true)?;
-            let at = Chunk::data_prefix(&prefix).expect("8 bytes");
-            let range = match tracker.data(at, n) {
-                Ok(r) => r,
-                Err(e) => return Err(self.protocol(during, e)),
-            };
-            let dst = &mut buf[buf_start + range.start..buf_start + range.end];
-            self.read_exact(dst, &during)?;
-        } else {
-            // Every other payload is capped by check_len (at most 16 MiB
-            // for 2^20 extended descriptors), so this allocation is bounded.
-            let mut payload = vec![0u8; n as usize];
-            self.read_exact(&mut payload, &during)?;
-            let chunk = match Chunk::parse(&h, mode, &payload) {
-                Ok(c) => c,
-                Err(e) => return Err(self.protocol(during, e)),
-            };
-            let p = pending.get_mut(&cookie).expect("looked up above");
-            let r = match p {
-                Pending::Read {
-                    buf_start, tracker, ..
-                } => tracker.chunk(chunk).map(|zero| {
-                    if let Some(z) = zero {
-                        buf[*buf_start + z.start..*buf_start + z.end].fill(0);
-                    }
-                }),
-                Pending::Status { tracker, .. } => tracker.chunk(chunk),
-            };
-            if let Err(e) = r {
-                return Err(self.protocol(during, e));
+    /// Reads what the machine wants next (read data straight into `buf`,
+    /// the buffer the read requests' `dest` offsets point into). Returns
+    /// the request this completed, if any. Errors are fatal for the
+    /// connection.
+    fn receive(&mut self, buf: &mut [u8]) -> Result<Option<Completion>, Error> {
+        let stream = &mut self.stream;
+        match self.machine.step(buf, |b| stream.read_exact(b)) {
+            Ok(c) => Ok(c),
+            Err(StepError::Read { during, source }) => {
+                self.poisoned = true;
+                Err(io_error(&self.uri, during, source, self.timeout))
+            }
+            Err(StepError::Reply(e)) => {
+                self.poisoned = true;
+                Err(Error::Protocol {
+                    uri: self.uri.clone(),
+                    during: e.during,
+                    source: e.source,
+                })
             }
         }
-        if !h.done() {
-            return Ok(None);
-        }
-        let p = pending.remove(&cookie).expect("looked up above");
-        let outcome = match p {
-            Pending::Read { tracker, .. } => tracker.finish().map(|r| r.map(|()| Finished::Read)),
-            Pending::Status { tracker, .. } => tracker.finish().map(|r| r.map(Finished::Status)),
-        };
-        match outcome {
-            Ok(Ok(f)) => Ok(Some((cookie, Ok(f)))),
-            Ok(Err(se)) => Ok(Some((
-                cookie,
-                Err(self.server_error(cmd, offset, length, se)),
-            ))),
-            Err(e) => Err(self.protocol(during, e)),
-        }
     }
 
-    /// Size of one read request: the configured size capped by the
-    /// server's maximum (and 32 MiB), a multiple of the minimum block size.
-    fn max_read(&self) -> u64 {
-        let bs = self.neg.block_size;
-        let m = u64::from(bs.maximum.min(MAX_READ_REQUEST).min(self.read_request));
-        let min = u64::from(bs.minimum);
-        (m / min * min).max(min)
+    /// Keeps up to `max_in_flight` of `ops` on the wire until every reply
+    /// is in. Read data lands in `buf`; a write's payload is the bytes of
+    /// `payload` from its offset minus `base`. Every op must have passed
+    /// the machine's checks (its range was checked whole). On a server
+    /// error no more requests are sent, the ones in flight are drained so
+    /// the connection stays usable, and the error of the lowest offset is
+    /// returned.
+    fn pipeline(
+        &mut self,
+        mut ops: impl Iterator<Item = Op>,
+        buf: &mut [u8],
+        payload: (u64, &[u8]),
+        during: &str,
+    ) -> Result<(), Error> {
+        // The failed request with the lowest offset, whatever order the
+        // replies come in: everything before it is done.
+        let mut first_err: Option<(u64, Error)> = None;
+        loop {
+            while first_err.is_none() && self.machine.in_flight() < self.max_in_flight {
+                let Some(op) = ops.next() else { break };
+                self.machine.request(op).map_err(|e| self.refused(e))?;
+                if let Op::Write { offset, length, .. } = op {
+                    // The payload follows its header on the wire.
+                    self.send_output(during)?;
+                    let at = usize::try_from(offset - payload.0).expect("inside the payload");
+                    let bytes = &payload.1[at..at + length as usize];
+                    self.write_all(bytes, during)?;
+                }
+            }
+            self.send_output(during)?;
+            if self.machine.in_flight() == 0 {
+                break;
+            }
+            if let Some(c) = self.receive(buf)?
+                && let Err(e) = c.outcome.clone()
+                && first_err.as_ref().is_none_or(|(at, _)| c.offset < *at)
+            {
+                first_err = Some((c.offset, self.server_error(&c, e)));
+            }
+        }
+        first_err.map_or(Ok(()), |(_, e)| Err(e))
     }
 
-    fn check_aligned(&self, offset: u64, length: u64) -> Result<(), Error> {
-        let min = self.neg.block_size.minimum;
-        let m = u64::from(min);
-        // A tail shorter than a block at the end of an unaligned export
-        // can only be reached unaligned.
+    /// Bytes per read or write request: the configured size rounded up to
+    /// the preferred block size, at most the largest payload.
+    fn request_size(&self) -> u64 {
+        let l = self.machine.limits();
+        u64::from(self.read_request)
+            .next_multiple_of(l.preferred)
+            .min(l.max_payload)
+    }
+
+    /// `offset..offset + length` cut at multiples of `step`, so that every
+    /// request but the first and last is `step` long and `step`-aligned.
+    fn split(
+        offset: u64,
+        length: u64,
+        step: u64,
+        op: impl Fn(u64, u64) -> Op,
+    ) -> impl Iterator<Item = Op> {
         let end = offset + length;
-        if !offset.is_multiple_of(m) || (!end.is_multiple_of(m) && end != self.neg.size) {
-            return Err(Error::Unaligned {
-                uri: self.uri.clone(),
-                offset,
-                length,
-                minimum: min,
-            });
-        }
-        Ok(())
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let next = ((at / step + 1) * step).min(end);
+            let o = op(at, next - at);
+            at = next;
+            Some(o)
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     ///
     /// The range is split into requests of [`ClientConfig::read_request`]
-    /// bytes (at most the server's maximum and 32 MiB); up to `max_in_flight` of them are on the wire at once.
-    /// With structured replies, holes are zero-filled and the reply is
-    /// checked to describe every byte exactly once. On a server error the
-    /// requests already sent are drained, so the connection stays usable,
-    /// and the first error is returned.
+    /// bytes (rounded to the server's preferred block size, at most its
+    /// maximum payload and 32 MiB); up to `max_in_flight` of them are on
+    /// the wire at once, and their data lands straight in `buf`. A range
+    /// not aligned to the server's block size (or 512 bytes when it
+    /// advertises none) is read aligned: the blocks holding its unaligned
+    /// ends are read into a small buffer and copied. With structured
+    /// replies, holes are zero-filled and the reply is checked to describe
+    /// every byte exactly once. On a server error the requests already
+    /// sent are drained, so the connection stays usable, and the failed
+    /// request of the lowest offset is returned.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.check_usable()?;
         let total = buf.len() as u64;
-        self.check_range(offset, total)?;
         if total == 0 {
-            return Ok(());
+            return self.nothing_at(offset);
         }
-        self.check_aligned(offset, total)?;
-        let step = self.max_read();
-        let mode = self.neg.mode;
-        let mut pending: HashMap<Cookie, Pending> = HashMap::new();
-        let mut next = 0u64; // relative offset of the next request to send
-        let mut first_err: Option<Error> = None;
-        loop {
-            // Fill the window.
-            let mut out = Vec::new();
-            while first_err.is_none() && next < total && pending.len() < self.max_in_flight {
-                let len = step.min(total - next);
-                let cookie = self.cookie();
-                let req = Request {
-                    flags: 0,
-                    command: Command::READ,
-                    cookie,
-                    offset: offset + next,
-                    length: len,
-                };
-                req.encode(mode, &mut out)
-                    .expect("read requests are at most 32 MiB");
-                pending.insert(
-                    cookie,
-                    Pending::Read {
-                        offset: offset + next,
-                        length: len,
-                        buf_start: next as usize,
-                        tracker: ReadReply::new(offset + next, len),
-                    },
-                );
-                next += len;
-            }
-            if !out.is_empty() {
-                self.write_all(&out, "sending read requests")?;
-            }
-            if pending.is_empty() {
-                break;
-            }
-            if let Some((_, Err(e))) = self.recv(&mut pending, buf)? {
-                first_err.get_or_insert(e);
-            }
+        let end = offset.checked_add(total);
+        match self.check_range(offset, total) {
+            Ok(()) => return self.read_aligned(offset, buf),
+            Err(Error::Unaligned { .. }) => {}
+            Err(e) => return Err(e),
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        let end = end.expect("checked in range");
+        let (a, size) = (self.machine.limits().alignment, self.neg.size);
+        // The whole blocks inside the range, read in place; the tail of an
+        // unaligned export counts as whole.
+        let inner_lo = offset.next_multiple_of(a);
+        let inner_hi = if end == size { end } else { end / a * a };
+        if inner_lo >= inner_hi {
+            return self.read_bounced(offset, buf);
         }
+        let (head, rest) = buf.split_at_mut((inner_lo - offset) as usize);
+        let (middle, tail) = rest.split_at_mut((inner_hi - inner_lo) as usize);
+        if !head.is_empty() {
+            self.read_bounced(offset, head)?;
+        }
+        self.read_aligned(inner_lo, middle)?;
+        if !tail.is_empty() {
+            self.read_bounced(inner_hi, tail)?;
+        }
+        Ok(())
+    }
+
+    /// Reads an unaligned range of at most two blocks through a buffer of
+    /// the aligned blocks that hold it.
+    fn read_bounced(&mut self, offset: u64, dst: &mut [u8]) -> Result<(), Error> {
+        let (a, size) = (self.machine.limits().alignment, self.neg.size);
+        let lo = offset / a * a;
+        let hi = (offset + dst.len() as u64).next_multiple_of(a).min(size);
+        let mut blocks = vec![0u8; (hi - lo) as usize];
+        self.read_aligned(lo, &mut blocks)?;
+        let at = (offset - lo) as usize;
+        dst.copy_from_slice(&blocks[at..at + dst.len()]);
+        Ok(())
+    }
+
+    /// Reads a range that satisfies the alignment.
+    fn read_aligned(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.check_range(offset, buf.len() as u64)?;
+        let ops = Self::split(offset, buf.len() as u64, self.request_size(), |o, l| {
+            Op::Read {
+                offset: o,
+                length: l,
+                dest: (o - offset) as usize,
+            }
+        });
+        self.pipeline(ops, buf, (0, &[]), "sending read requests")
     }
 
     fn context_id(&self, name: &str) -> Result<ContextId, Error> {
@@ -728,29 +651,27 @@ impl Client {
             })
     }
 
-    /// Longest block status request. A status request carries no payload,
-    /// so the spec lets its length exceed the maximum payload size: the
-    /// whole 32-bit length of compact headers (2^62 with extended ones), as
-    /// libnbd asks, so a large sparse export maps in a few round trips
-    /// instead of one per 32 MiB. A server that refused such a request
-    /// (`NBD_EINVAL`, `NBD_EOVERFLOW`) is asked for its maximum payload
-    /// from then on. A multiple of the minimum block size.
+    /// Longest block status request: the connection's largest effect
+    /// length ([`crate::transmission::Limits::max_effect`]), or its largest
+    /// payload once the server refused a longer one.
     fn max_status(&self) -> u64 {
-        let bs = self.neg.block_size;
-        let min = u64::from(bs.minimum);
-        let m = if self.status_within_payload {
-            u64::from(bs.maximum)
-        } else if self.neg.mode == HeaderMode::Extended {
-            1 << 62
+        let l = self.machine.limits();
+        if self.status_within_payload {
+            l.max_payload
         } else {
-            u64::from(u32::MAX)
-        };
-        (m / min * min).max(min)
+            l.max_effect
+        }
     }
 
     /// One `NBD_CMD_BLOCK_STATUS` round trip for `context`: the extents
     /// the server returned, clipped to `range`. May cover less than
     /// `range` (servers may answer short) but always at least one byte.
+    ///
+    /// The request is aligned outwards to the block size and at most
+    /// [`crate::transmission::Limits::max_effect`] long. The spec lets a
+    /// server refuse a status request longer than its maximum payload
+    /// (`NBD_EINVAL`, `NBD_EOVERFLOW`): such a request is asked again, and
+    /// every later one, within the maximum payload.
     pub fn block_status_once(
         &mut self,
         context: &str,
@@ -761,9 +682,7 @@ impl Client {
                 errno: Errno::EINVAL | Errno::EOVERFLOW,
                 length,
                 ..
-            }) if !self.status_within_payload
-                && length > u64::from(self.neg.block_size.maximum) =>
-            {
+            }) if !self.status_within_payload && length > self.machine.limits().max_payload => {
                 self.status_within_payload = true;
                 self.status_round_trip(context, range)
             }
@@ -781,77 +700,170 @@ impl Client {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        self.check_range(range.start, range.end - range.start)?;
-        let min = u64::from(self.neg.block_size.minimum);
-        // Aligned outwards to the minimum block size, never past the end.
-        let start = range.start / min * min;
-        let end = range
-            .end
-            .div_ceil(min)
-            .saturating_mul(min)
-            .min(self.neg.size);
+        let (a, size) = (self.machine.limits().alignment, self.neg.size);
+        self.check_range(range.start, range.end - range.start)
+            .or_else(|e| match e {
+                Error::Unaligned { .. } => Ok(()),
+                e => Err(e),
+            })?;
+        // Aligned outwards, never past the end.
+        let start = range.start / a * a;
+        let end = range.end.next_multiple_of(a).min(size);
         let length = (end - start).min(self.max_status());
-        let cookie = self.cookie();
-        let req = Request {
-            flags: 0,
-            command: Command::BLOCK_STATUS,
-            cookie,
+        let op = Op::BlockStatus {
             offset: start,
             length,
+            req_one: false,
         };
-        let mut out = Vec::new();
-        req.encode(self.neg.mode, &mut out)
-            .expect("max_status fits a compact header");
-        let ids: Vec<ContextId> = self.neg.contexts.iter().map(|c| c.id).collect();
-        let mut pending = HashMap::new();
-        pending.insert(
-            cookie,
-            Pending::Status {
-                offset: start,
-                length,
-                tracker: StatusReply::new(start, length, false, ids),
-            },
-        );
-        self.write_all(&out, "sending a block status request")?;
-        let finished = loop {
-            if let Some((_, outcome)) = self.recv(&mut pending, &mut [])? {
-                break outcome?;
+        let cookie = self.machine.request(op).map_err(|e| self.refused(e))?;
+        self.send_output("sending a block status request")?;
+        let done = loop {
+            if let Some(c) = self.receive(&mut [])? {
+                break c;
             }
         };
-        let Finished::Status(per_context) = finished else {
-            unreachable!("a status request finishes as status")
+        debug_assert_eq!(done.cookie, cookie, "one request in flight");
+        let per_context = match done.outcome.clone() {
+            Ok(Reply::Status(v)) => v,
+            Ok(_) => unreachable!("a status request completes with status"),
+            Err(e) => return Err(self.server_error(&done, e)),
         };
         let descriptors = per_context
             .into_iter()
             .find(|(c, _)| *c == id)
             .map(|(_, d)| d)
             .unwrap_or_default();
-        let mut at = start;
-        let mut extents = Vec::new();
-        for d in descriptors {
-            let e_start = at;
-            let e_end = at.saturating_add(d.length);
-            at = e_end;
-            let s = e_start.max(range.start);
-            let t = e_end.min(range.end);
-            if s < t {
-                extents.push(StatusExtent {
-                    offset: s,
-                    length: t - s,
-                    flags: d.flags,
-                });
-            }
-        }
+        let extents = clip(start, &descriptors, &range);
         if extents.is_empty() {
-            return Err(self.protocol(
-                format!("reply to NBD_CMD_BLOCK_STATUS at {start:#x}+{length:#x}"),
-                ProtocolError::NoProgress,
-            ));
+            self.poisoned = true;
+            return Err(Error::Protocol {
+                uri: self.uri.clone(),
+                during: format!("reply to NBD_CMD_BLOCK_STATUS at {start:#x}+{length:#x}"),
+                source: crate::error::ProtocolError::NoProgress,
+            });
         }
         Ok(extents)
     }
 
-    /// Streams the extents of `context` over `range`, neighbours with equal
+    /// A request of no bytes at `offset`: nothing to send, but the offset
+    /// must lie inside the export.
+    fn nothing_at(&self, offset: u64) -> Result<(), Error> {
+        match self.check_range(offset, 0) {
+            Err(e @ Error::OutOfRange { .. }) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks `op`, spanning a whole caller range, before anything is sent:
+    /// everything but its length, which the caller splits.
+    fn check_whole(&self, op: Op) -> Result<(), Error> {
+        match self.machine.check(&op) {
+            Ok(()) | Err(RequestError::TooLong { .. }) => Ok(()),
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Writes `data` at `offset`.
+    ///
+    /// The range must be aligned to the server's block size (or 512 bytes
+    /// when it advertises none): an unaligned write would need a
+    /// read-modify-write that races other writers, so it is refused, as is
+    /// a write to a read-only export, before anything is sent. The data is
+    /// split like a read ([`ClientConfig::read_request`], rounded to the
+    /// preferred block size, at most the maximum payload and 32 MiB) and
+    /// sent straight from `data`, several requests in flight. On a server
+    /// error the requests in flight are drained, so the connection stays
+    /// usable, and the failed request of the lowest offset is returned.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_usable()?;
+        let length = data.len() as u64;
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(Op::Write {
+            offset,
+            length,
+            fua: false,
+        })?;
+        let ops = Self::split(offset, length, self.request_size(), |o, l| Op::Write {
+            offset: o,
+            length: l,
+            fua: false,
+        });
+        self.pipeline(ops, &mut [], (offset, data), "sending write requests")
+    }
+
+    /// Zeroes `length` bytes at `offset` with `NBD_CMD_WRITE_ZEROES`
+    /// (`NBD_FLAG_SEND_WRITE_ZEROES` needed; `flags.fast` needs
+    /// `NBD_FLAG_SEND_FAST_ZERO`, `flags.fua` `NBD_FLAG_SEND_FUA`). Aligned
+    /// as [`Client::write`]; split into requests of at most 2^32 minus
+    /// 64 KiB, several in flight.
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), Error> {
+        self.check_usable()?;
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(Op::WriteZeroes {
+            offset,
+            length,
+            flags,
+        })?;
+        let ops = Self::split(offset, length, self.effect_size(), |o, l| Op::WriteZeroes {
+            offset: o,
+            length: l,
+            flags,
+        });
+        self.pipeline(ops, &mut [], (0, &[]), "sending write zeroes requests")
+    }
+
+    /// Discards `length` bytes at `offset` with `NBD_CMD_TRIM` (needs
+    /// `NBD_FLAG_SEND_TRIM`); what they read afterwards is up to the
+    /// server. Aligned and split as [`Client::write_zeroes`].
+    pub fn trim(&mut self, offset: u64, length: u64) -> Result<(), Error> {
+        self.check_usable()?;
+        let trim = |offset, length| Op::Trim {
+            offset,
+            length,
+            fua: false,
+        };
+        if length == 0 {
+            return self.nothing_at(offset);
+        }
+        self.check_whole(trim(offset, length))?;
+        let ops = Self::split(offset, length, self.effect_size(), trim);
+        self.pipeline(ops, &mut [], (0, &[]), "sending trim requests")
+    }
+
+    /// `NBD_CMD_FLUSH`: every write acknowledged so far is on stable
+    /// storage (needs `NBD_FLAG_SEND_FLUSH`).
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
+        self.check_whole(Op::Flush)?;
+        self.pipeline(
+            std::iter::once(Op::Flush),
+            &mut [],
+            (0, &[]),
+            "sending NBD_CMD_FLUSH",
+        )
+    }
+
+    /// Bytes per write zeroes or trim request: the largest effect length,
+    /// but not past 32 bits even with extended headers (nbdkit's plugin
+    /// calls take 32-bit counts), in whole preferred blocks.
+    fn effect_size(&self) -> u64 {
+        let l = self.machine.limits();
+        let max = l
+            .max_effect
+            .min((1 << 32) - crate::transmission::MAX_MINIMUM_BLOCK);
+        (max / l.preferred * l.preferred).max(l.alignment)
+    }
+
+    /// Pages the extents of `context` over `range`, neighbours with equal
     /// flags merged, sending further requests as the map is consumed.
     ///
     /// The iterator stops after the first error.
@@ -862,17 +874,14 @@ impl Client {
     ) -> Result<BlockStatusIter<'_>, Error> {
         self.check_usable()?;
         self.context_id(context)?;
-        self.check_range(range.start, range.end.saturating_sub(range.start))?;
-        Ok(BlockStatusIter {
-            client: self,
-            context: context.into(),
-            pos: range.start,
-            end: range.end,
-            queue: Vec::new().into_iter(),
-            held: None,
-            pending_error: None,
-            done: false,
-        })
+        let len = range.end.saturating_sub(range.start);
+        if len > 0 {
+            self.check_range(range.start, len).or_else(|e| match e {
+                Error::Unaligned { .. } => Ok(()),
+                e => Err(e),
+            })?;
+        }
+        Ok(StatusPager::new(self, context, range))
     }
 
     /// The `base:allocation` map of `range` as shared [`Extent`]s (see
@@ -892,24 +901,13 @@ impl Client {
     }
 
     fn disconnect(&mut self) -> Result<(), Error> {
-        if self.disconnected || self.poisoned {
+        if self.disconnected || self.poisoned || self.machine.disconnect().is_err() {
             self.stream.shutdown();
             self.disconnected = true;
             return Ok(());
         }
         self.disconnected = true;
-        let cookie = self.cookie();
-        let mut out = Vec::new();
-        Request {
-            flags: 0,
-            command: Command::DISC,
-            cookie,
-            offset: 0,
-            length: 0,
-        }
-        .encode(self.neg.mode, &mut out)
-        .expect("zero length fits");
-        let r = self.write_all(&out, "sending NBD_CMD_DISC");
+        let r = self.send_output("sending NBD_CMD_DISC");
         self.stream.shutdown();
         r
     }
@@ -923,71 +921,15 @@ impl Drop for Client {
 }
 
 /// Iterator returned by [`Client::block_status`].
-#[derive(Debug)]
-pub struct BlockStatusIter<'a> {
-    client: &'a mut Client,
-    context: String,
-    pos: u64,
-    end: u64,
-    queue: std::vec::IntoIter<StatusExtent>,
-    held: Option<StatusExtent>,
-    pending_error: Option<Error>,
-    done: bool,
-}
-
-impl Iterator for BlockStatusIter<'_> {
-    type Item = Result<StatusExtent, Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if let Some(e) = self.pending_error.take() {
-            return Some(Err(e));
-        }
-        loop {
-            if let Some(e) = self.queue.next() {
-                match &mut self.held {
-                    Some(h) if h.flags == e.flags && h.end() == e.offset => {
-                        h.length += e.length;
-                        continue;
-                    }
-                    Some(_) => return self.held.replace(e).map(Ok),
-                    None => {
-                        self.held = Some(e);
-                        continue;
-                    }
-                }
-            }
-            if self.done || self.pos >= self.end {
-                self.done = true;
-                return self.held.take().map(Ok);
-            }
-            match self
-                .client
-                .block_status_once(&self.context, self.pos..self.end)
-            {
-                Ok(v) => {
-                    self.pos = v.last().map_or(self.end, |e| e.end());
-                    self.queue = v.into_iter();
-                }
-                Err(e) => {
-                    self.done = true;
-                    // The extent held back is complete up to here; the
-                    // error follows it on the next call.
-                    self.queue = Vec::new().into_iter();
-                    if let Some(h) = self.held.take() {
-                        self.pending_error = Some(e);
-                        return Some(Ok(h));
-                    }
-                    return Some(Err(e));
-                }
-            }
-        }
-    }
-}
+pub type BlockStatusIter<'a> = StatusPager<&'a mut Client>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{NBD_REPLY_FLAG_DONE, STRUCTURED_REPLY_MAGIC};
+    use crate::types::{ChunkType, Command};
+    use crate::wire::{
+        ChunkHeader, NBD_REPLY_FLAG_DONE, ReplyHeader, Request, STRUCTURED_REPLY_MAGIC,
+    };
 
     /// A scripted server: greeting, then acks structured replies, one
     /// meta context, GO; then answers one read with a data chunk and a

@@ -1,11 +1,13 @@
 //! Error types: what the server sent that breaks the protocol
-//! ([`ProtocolError`]), why a handshake failed ([`HandshakeError`]), and
-//! everything a client call can report ([`Error`]).
+//! ([`ProtocolError`], labelled with what was being read in
+//! [`ReplyError`]), why a handshake failed ([`HandshakeError`]), why a
+//! request can not be sent ([`RequestError`]), and everything a client
+//! call can report ([`Error`]).
 
 use std::io;
 use std::time::Duration;
 
-use crate::wire::{ChunkType, Command, ContextId, Cookie, Errno, HeaderMode, Opt, RepType};
+use crate::types::{ChunkType, Command, ContextId, Cookie, Errno, HeaderMode, Opt, RepType};
 
 /// Bytes from the peer that break the NBD protocol. After one of these the
 /// stream can not be trusted any more.
@@ -291,6 +293,90 @@ pub enum ProtocolError {
     NoProgress,
 }
 
+/// A [`ProtocolError`] in the transmission phase, labelled with what was
+/// being read. After one of these the connection can not be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {during}")]
+pub struct ReplyError {
+    /// What was being read, e.g. `reply to NBD_CMD_READ at 0x0+0x1000`.
+    pub during: String,
+    /// What was wrong.
+    #[source]
+    pub source: ProtocolError,
+}
+
+/// Why a request was refused before anything was sent: the export, the
+/// negotiated options or the server's constraints do not allow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The range does not lie inside the export.
+    #[error("range {offset:#x}+{length:#x} is outside the export of {size:#x} bytes")]
+    OutOfRange {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        length: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// The range is not aligned to the minimum block size (or 512 bytes
+    /// when the server advertises none).
+    #[error("range {offset:#x}+{length:#x} is not aligned to the block size {alignment}")]
+    Unaligned {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        length: u64,
+        /// Required alignment.
+        alignment: u64,
+    },
+    /// A zero-length request for a command that needs a range.
+    #[error("{command} of 0 bytes at {offset:#x}")]
+    Empty {
+        /// The command.
+        command: Command,
+        /// Requested offset.
+        offset: u64,
+    },
+    /// Longer than one request may be.
+    #[error("{command} of {length:#x} bytes exceeds the limit of {max:#x}")]
+    TooLong {
+        /// The command.
+        command: Command,
+        /// Requested length.
+        length: u64,
+        /// The limit: the server's maximum payload (at most 32 MiB) or what
+        /// the header can carry.
+        max: u64,
+    },
+    /// A write to an export the server marked `NBD_FLAG_READ_ONLY`.
+    #[error("{command}: the export is read-only")]
+    ReadOnly {
+        /// The command.
+        command: Command,
+    },
+    /// The server did not advertise what the request needs.
+    #[error("{command}: the server does not offer {needs}")]
+    Unsupported {
+        /// The command.
+        command: Command,
+        /// The missing flag or negotiated option, e.g. `NBD_FLAG_SEND_TRIM`.
+        needs: &'static str,
+    },
+    /// `NBD_CMD_DISC` was sent: no more requests.
+    #[error("{command} after NBD_CMD_DISC")]
+    Disconnected {
+        /// The command.
+        command: Command,
+    },
+    /// An earlier protocol error left the connection out of step.
+    #[error("{command} on a connection that failed earlier")]
+    Failed {
+        /// The command.
+        command: Command,
+    },
+}
+
 /// Why the handshake did not reach the transmission phase.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -480,6 +566,14 @@ pub enum Error {
         length: u64,
         /// Minimum block size.
         minimum: u32,
+    },
+    /// A request refused before anything was sent.
+    #[error("{uri}: {reason}")]
+    Request {
+        /// URI of the connection.
+        uri: String,
+        /// Why.
+        reason: RequestError,
     },
     /// Block status for a context not negotiated on this connection.
     #[error("{uri}: metadata context {name:?} is not available (negotiated: {negotiated:?})")]

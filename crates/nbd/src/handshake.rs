@@ -18,14 +18,16 @@ use crate::error::{HandshakeError, ProtocolError};
 use crate::wire::{
     ContextId, HeaderMode, IHAVEOPT, MAX_STRING, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
     NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION,
-    NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_MAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC, Opt, RepType,
-    TransmissionFlags, read_be16, read_be32, read_be64,
+    NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_MAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC, Opt,
+    RawBlockSize, RawExportInfo, RawGreeting, RawOptionReply, RawOptionRequest, RepType,
+    TransmissionFlags, decode, decode_prefix, read_be16, read_be32,
 };
+use zerocopy::IntoBytes;
 
 /// Bytes of the server's greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
-pub const GREETING_LEN: usize = 18;
+pub const GREETING_LEN: usize = size_of::<RawGreeting>();
 /// Bytes of an option reply header: magic, option, reply type, length.
-pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+pub const OPTION_REPLY_HEADER_LEN: usize = size_of::<RawOptionReply>();
 /// Largest option reply payload accepted: a 4096-byte string plus the
 /// fixed fields of any reply type, with room to spare.
 pub const MAX_OPTION_REPLY: u32 = 16 * 1024;
@@ -91,19 +93,28 @@ impl Default for BlockSize {
     }
 }
 
+/// Alignment of every request when the server advertises no minimum block
+/// size: the spec's advice to a client "desiring maximum interoperability",
+/// and what nbdinfo aligns to.
+pub const DEFAULT_ALIGNMENT: u32 = 512;
+
 impl BlockSize {
+    /// What every request's offset and length must be a multiple of: the
+    /// advertised minimum block size, else [`DEFAULT_ALIGNMENT`].
+    pub fn alignment(&self) -> u32 {
+        if self.advertised {
+            self.minimum
+        } else {
+            DEFAULT_ALIGNMENT
+        }
+    }
+
     /// Parses the 12 bytes after the info type of `NBD_INFO_BLOCK_SIZE` and
     /// checks the spec's rules.
     pub fn parse(buf: &[u8]) -> Result<BlockSize, ProtocolError> {
-        if buf.len() != 12 {
-            return Err(ProtocolError::WrongLength {
-                what: "NBD_INFO_BLOCK_SIZE",
-                expected: 12,
-                found: buf.len(),
-            });
-        }
+        let raw: RawBlockSize = decode("NBD_INFO_BLOCK_SIZE", buf)?;
         let (minimum, preferred, maximum) =
-            (read_be32(buf, 0), read_be32(buf, 4), read_be32(buf, 8));
+            (raw.minimum.get(), raw.preferred.get(), raw.maximum.get());
         let bad = |reason| ProtocolError::BadBlockSize {
             minimum,
             preferred,
@@ -263,7 +274,8 @@ impl Handshake {
         match self.phase {
             Phase::Greeting => self.greeting(input)?,
             Phase::ReplyHeader { opt } => {
-                let magic = read_be64(input, 0);
+                let raw: RawOptionReply = decode("option reply header", input)?;
+                let magic = raw.magic.get();
                 if magic != OPTION_REPLY_MAGIC {
                     return Err(ProtocolError::BadMagic {
                         what: "option reply",
@@ -272,12 +284,12 @@ impl Handshake {
                     }
                     .into());
                 }
-                let got = Opt(read_be32(input, 8));
+                let got = Opt(raw.option.get());
                 if got != opt {
                     return Err(ProtocolError::OptionMismatch { sent: opt, got }.into());
                 }
-                let reply = RepType(read_be32(input, 12));
-                let len = read_be32(input, 16);
+                let reply = RepType(raw.reply_type.get());
+                let len = raw.length.get();
                 if len > MAX_OPTION_REPLY {
                     return Err(ProtocolError::OptionReplyTooLong {
                         option: opt,
@@ -295,7 +307,9 @@ impl Handshake {
             }
             Phase::ReplyPayload { opt, reply, .. } => self.reply(opt, reply, input)?,
             Phase::ExportNameReply { .. } => {
-                self.size_flags = Some((read_be64(input, 0), read_be16(input, 8)));
+                // Size and flags, then 124 zeroes unless NO_ZEROES.
+                let (info, _) = decode_prefix::<RawExportInfo>("NBD_OPT_EXPORT_NAME reply", input)?;
+                self.size_flags = Some((info.size.get(), info.flags.get()));
                 self.phase = Phase::Done;
             }
             Phase::Done => {}
@@ -307,7 +321,8 @@ impl Handshake {
     }
 
     fn greeting(&mut self, input: &[u8]) -> Result<(), HandshakeError> {
-        let magic = read_be64(input, 0);
+        let g: RawGreeting = decode("greeting", input)?;
+        let magic = g.magic.get();
         if magic != NBD_MAGIC {
             return Err(ProtocolError::BadMagic {
                 what: "greeting",
@@ -316,7 +331,7 @@ impl Handshake {
             }
             .into());
         }
-        match read_be64(input, 8) {
+        match g.newstyle.get() {
             IHAVEOPT => {}
             OLDSTYLE_MAGIC => return Err(ProtocolError::Oldstyle.into()),
             found => {
@@ -328,7 +343,7 @@ impl Handshake {
                 .into());
             }
         }
-        let flags = read_be16(input, 16);
+        let flags = g.flags.get();
         if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
             return Err(ProtocolError::NotFixedNewstyle { flags }.into());
         }
@@ -353,16 +368,23 @@ impl Handshake {
     /// so the server can close cleanly instead of seeing a hang-up.
     pub fn abort_request() -> [u8; 16] {
         let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
-        b[8..12].copy_from_slice(&Opt::ABORT.0.to_be_bytes());
+        b.copy_from_slice(Self::option_header(Opt::ABORT, 0).as_bytes());
         b
     }
 
+    fn option_header(opt: Opt, length: u32) -> RawOptionRequest {
+        RawOptionRequest {
+            magic: IHAVEOPT.into(),
+            option: opt.0.into(),
+            length: length.into(),
+        }
+    }
+
     fn send_option(&mut self, opt: Opt, data: &[u8]) {
-        self.out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        self.out.extend_from_slice(&opt.0.to_be_bytes());
+        // Callers bound every string by MAX_STRING, so the data fits.
+        let len = u32::try_from(data.len()).expect("option data under 4 GiB");
         self.out
-            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+            .extend_from_slice(Self::option_header(opt, len).as_bytes());
         self.out.extend_from_slice(data);
         self.phase = Phase::ReplyHeader { opt };
     }
@@ -570,10 +592,9 @@ impl Handshake {
         let body = &payload[2..];
         match read_be16(payload, 0) {
             NBD_INFO_EXPORT => {
-                if body.len() != 10 {
-                    return Err(bad("NBD_INFO_EXPORT must have length 12").into());
-                }
-                self.size_flags = Some((read_be64(body, 0), read_be16(body, 8)));
+                let info: RawExportInfo = decode("NBD_INFO_EXPORT", body)
+                    .map_err(|_| bad("NBD_INFO_EXPORT must have length 12"))?;
+                self.size_flags = Some((info.size.get(), info.flags.get()));
             }
             NBD_INFO_BLOCK_SIZE => {
                 self.block_size = Some(BlockSize::parse(body)?);

@@ -9,20 +9,34 @@
 //!   bytes, negotiating structured replies or extended headers, metadata
 //!   contexts and the export with `NBD_OPT_GO` ([`handshake`]);
 //! - [`Request`], [`ReplyHeader`] and [`Chunk`] encode requests and decode
-//!   replies ([`wire`]); [`reply::ReadReply`] and [`reply::StatusReply`]
-//!   check every chunk of a reply against its request;
+//!   replies over big-endian `Raw*` layouts ([`wire`]), with the protocol's
+//!   numbered codes as open enums ([`types`]); [`reply::ReadReply`],
+//!   [`reply::StatusReply`] and [`reply::AckReply`] check every chunk of a
+//!   reply against its request;
+//! - [`Transmission`] is the transmission phase as a state machine:
+//!   requests in ([`Op`]: read, write, write zeroes, trim, flush, block
+//!   status), request bytes out, reply bytes in, replies routed by cookie,
+//!   [`Completion`]s out; read data goes straight into the caller's buffer
+//!   ([`transmission`]);
+//! - [`StatusPager`] pages block status one round trip at a time over any
+//!   [`StatusRoundTrip`], a `&mut Client` or a `&Mutex<Client>` ([`status`]);
 //! - [`map`] turns block status into the shared
 //!   [`sparsekit_extent::Extent`] vocabulary and into the JSON that
 //!   `nbdinfo --map --json` and `qemu-img map --output=json` print.
 //!
 //! Only [`Client`] touches a socket: it connects by URI over TCP or a Unix
-//! socket, reads with pipelined requests ([`Client::read`]), streams block
-//! status for any negotiated context ([`Client::block_status`],
+//! socket, drives the two machines, reads with pipelined requests sized by
+//! the server's block size constraints ([`Client::read`]), writes the same
+//! way ([`Client::write`], [`Client::write_zeroes`], [`Client::trim`],
+//! [`Client::flush`]; refused before sending on a read-only export), pages
+//! block status for any negotiated context ([`Client::block_status`],
 //! [`Client::map`]) and sends `NBD_CMD_DISC` when dropped.
 //!
-//! Errors are typed: [`ProtocolError`] for bytes that break the protocol,
-//! [`HandshakeError`] for a failed negotiation, [`Error`] for everything a
-//! client call reports (each naming the URI, and the offset where known).
+//! Errors are typed: [`ProtocolError`] for bytes that break the protocol
+//! ([`ReplyError`] says what was being read), [`HandshakeError`] for a
+//! failed negotiation, [`RequestError`] for a request refused before it is
+//! sent, [`Error`] for everything a client call reports (each naming the
+//! URI, and the offset where known).
 //!
 //! ```no_run
 //! use sparsekit_nbd::{Client, Kind};
@@ -74,14 +88,19 @@ pub mod error;
 pub mod handshake;
 pub mod map;
 pub mod reply;
+pub mod status;
+pub mod transmission;
+pub mod types;
 pub mod uri;
 pub mod wire;
 
 pub use client::{BlockStatusIter, Client, ClientConfig};
-pub use error::{Error, HandshakeError, ProtocolError};
+pub use error::{Error, HandshakeError, ProtocolError, ReplyError, RequestError};
 pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
 pub use map::StatusExtent;
 pub use sparsekit_extent::{Extent, Kind};
+pub use status::{StatusPager, StatusRoundTrip};
+pub use transmission::{Completion, Limits, Op, Reply, Transmission, Want, ZeroFlags};
 pub use uri::{NbdUri, Transport, UriError};
 pub use wire::{
     Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,

@@ -1,6 +1,7 @@
 //! Validation of the chunks of one structured reply against its request,
 //! with no I/O: [`ReadReply`] for `NBD_CMD_READ`, [`StatusReply`] for
-//! `NBD_CMD_BLOCK_STATUS`.
+//! `NBD_CMD_BLOCK_STATUS`, [`AckReply`] for the commands whose reply
+//! carries no payload (`NBD_CMD_WRITE`, `WRITE_ZEROES`, `TRIM`, `FLUSH`).
 //!
 //! The client feeds each chunk of a cookie's reply to its tracker; the
 //! tracker checks the spec's rules (content inside the request, no overlap,
@@ -316,6 +317,59 @@ impl StatusReply {
     }
 }
 
+/// Tracks the chunks of one structured reply to a command whose reply has
+/// no payload (`NBD_CMD_WRITE`, `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_TRIM`,
+/// `NBD_CMD_FLUSH`): only `NBD_REPLY_TYPE_NONE` and error chunks belong.
+///
+/// ```
+/// use sparsekit_nbd::reply::AckReply;
+/// use sparsekit_nbd::{Chunk, Command, Errno};
+/// let mut r = AckReply::new(Command::WRITE, 4096, 4096);
+/// r.chunk(Chunk::ErrorOffset { errno: Errno::EIO, message: String::new(), offset: 5000 })
+///     .unwrap();
+/// assert_eq!(r.finish().unwrap_err().offset, Some(5000));
+/// ```
+#[derive(Debug)]
+pub struct AckReply {
+    command: Command,
+    req: Range<u64>,
+    error: Option<ServerError>,
+}
+
+impl AckReply {
+    /// A tracker for `command` on `length` bytes at `offset`.
+    pub fn new(command: Command, offset: u64, length: u64) -> AckReply {
+        AckReply {
+            command,
+            req: offset..offset.saturating_add(length),
+            error: None,
+        }
+    }
+
+    /// One parsed chunk of the reply.
+    pub fn chunk(&mut self, chunk: Chunk) -> Result<(), ProtocolError> {
+        let wrong = |chunk_type| ProtocolError::ChunkForWrongCommand {
+            chunk_type,
+            command: self.command,
+        };
+        match chunk {
+            Chunk::None => Ok(()),
+            Chunk::Error { .. } | Chunk::ErrorOffset { .. } => {
+                let e = server_error(chunk, &self.req)?;
+                self.error.get_or_insert(e);
+                Ok(())
+            }
+            Chunk::OffsetHole { .. } => Err(wrong(ChunkType::OFFSET_HOLE)),
+            Chunk::BlockStatus { .. } => Err(wrong(ChunkType::BLOCK_STATUS)),
+        }
+    }
+
+    /// After the final chunk: success, or the server's first error.
+    pub fn finish(self) -> Result<(), ServerError> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +511,39 @@ mod tests {
             }),
             Err(ProtocolError::ReqOneViolated { .. })
         ));
+    }
+
+    #[test]
+    fn ack_takes_only_none_and_errors() {
+        let mut r = AckReply::new(Command::TRIM, 0, 512);
+        r.chunk(Chunk::None).unwrap();
+        assert!(matches!(
+            r.chunk(Chunk::OffsetHole {
+                offset: 0,
+                length: 512
+            }),
+            Err(ProtocolError::ChunkForWrongCommand {
+                command: Command::TRIM,
+                ..
+            })
+        ));
+        assert_eq!(r.finish(), Ok(()));
+
+        // FLUSH covers no bytes: an error offset can not lie inside it.
+        let mut r = AckReply::new(Command::FLUSH, 0, 0);
+        assert!(matches!(
+            r.chunk(Chunk::ErrorOffset {
+                errno: Errno::EIO,
+                message: String::new(),
+                offset: 0
+            }),
+            Err(ProtocolError::ChunkOutsideRequest { .. })
+        ));
+        r.chunk(Chunk::Error {
+            errno: Errno::ENOSPC,
+            message: "full".into(),
+        })
+        .unwrap();
+        assert_eq!(r.finish().unwrap_err().errno, Errno::ENOSPC);
     }
 }

@@ -1,13 +1,20 @@
-//! NBD wire constants and transmission-phase messages, encoded to and
-//! decoded from bytes with no I/O.
+//! NBD wire constants and messages, encoded to and decoded from bytes with
+//! no I/O.
+//!
+//! Two layers, as for every fixed structure of the protocol: `Raw*` types
+//! are the big-endian layouts, field for field (zerocopy, sizes asserted
+//! against the spec's), and [`Request`], [`ReplyHeader`] and [`Chunk`] are
+//! the validated values built from them.
 //!
 //! Names and values follow the NBD protocol document ("Values" section);
 //! the extended-header layouts follow the `EXTENDED_HEADERS` extension as
 //! implemented by qemu (8.1+) and libnbd (1.18+).
 
-use std::fmt;
+use zerocopy::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, Unaligned};
 
 use crate::error::ProtocolError;
+pub use crate::types::{ChunkType, Command, ContextId, Cookie, Errno, HeaderMode, Opt, RepType};
 
 /// `NBDMAGIC`, first 8 bytes of every server greeting.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -38,159 +45,29 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 /// `NBD_EXTENDED_REPLY_MAGIC`.
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
-/// Bytes in a compact request header (magic, flags, type, cookie, offset, u32 length).
-pub const COMPACT_REQUEST_LEN: usize = 28;
-/// Bytes in an extended request header (as compact, with a u64 length).
-pub const EXTENDED_REQUEST_LEN: usize = 32;
-/// Bytes in a simple reply header.
-pub const SIMPLE_REPLY_LEN: usize = 16;
-/// Bytes in a structured reply chunk header.
-pub const STRUCTURED_REPLY_LEN: usize = 20;
-/// Bytes in an extended reply chunk header.
-pub const EXTENDED_REPLY_LEN: usize = 32;
-
 /// `NBD_REPLY_FLAG_DONE`: the final chunk of a structured reply.
 pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
 
-/// `NBD_CMD_FLAG_FUA`.
+/// `NBD_CMD_FLAG_FUA`: the write is on stable storage before the reply.
 pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
+/// `NBD_CMD_FLAG_NO_HOLE`: `NBD_CMD_WRITE_ZEROES` must not punch a hole.
+pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// `NBD_CMD_FLAG_DF`: at most one content chunk in the read reply.
 pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
 /// `NBD_CMD_FLAG_REQ_ONE`: one extent per context in the block status reply.
 pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// `NBD_CMD_FLAG_FAST_ZERO`: fail `NBD_CMD_WRITE_ZEROES` rather than
+/// zeroing slowly.
+pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Longest string the protocol allows (export names, messages, context names).
 pub const MAX_STRING: usize = 4096;
 /// Largest payload we accept for an error chunk: error, message length,
 /// a 4096-byte message and an offset.
-pub const MAX_ERROR_PAYLOAD: u64 = 4 + 2 + MAX_STRING as u64 + 8;
+pub const MAX_ERROR_PAYLOAD: u64 = (size_of::<RawErrorPrefix>() + MAX_STRING + 8) as u64;
 /// Largest number of block status descriptors we accept in one chunk. The
 /// spec says servers SHOULD NOT send more than 2^20.
 pub const MAX_DESCRIPTORS: u64 = 1 << 20;
-
-/// The option codes of the handshake phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Opt(pub u32);
-
-impl Opt {
-    /// `NBD_OPT_EXPORT_NAME` (1).
-    pub const EXPORT_NAME: Opt = Opt(1);
-    /// `NBD_OPT_ABORT` (2).
-    pub const ABORT: Opt = Opt(2);
-    /// `NBD_OPT_LIST` (3).
-    pub const LIST: Opt = Opt(3);
-    /// `NBD_OPT_STARTTLS` (5).
-    pub const STARTTLS: Opt = Opt(5);
-    /// `NBD_OPT_INFO` (6).
-    pub const INFO: Opt = Opt(6);
-    /// `NBD_OPT_GO` (7).
-    pub const GO: Opt = Opt(7);
-    /// `NBD_OPT_STRUCTURED_REPLY` (8).
-    pub const STRUCTURED_REPLY: Opt = Opt(8);
-    /// `NBD_OPT_LIST_META_CONTEXT` (9).
-    pub const LIST_META_CONTEXT: Opt = Opt(9);
-    /// `NBD_OPT_SET_META_CONTEXT` (10).
-    pub const SET_META_CONTEXT: Opt = Opt(10);
-    /// `NBD_OPT_EXTENDED_HEADERS` (11).
-    pub const EXTENDED_HEADERS: Opt = Opt(11);
-
-    /// The spec's name, e.g. `NBD_OPT_GO`.
-    pub fn name(self) -> Option<&'static str> {
-        Some(match self.0 {
-            1 => "NBD_OPT_EXPORT_NAME",
-            2 => "NBD_OPT_ABORT",
-            3 => "NBD_OPT_LIST",
-            5 => "NBD_OPT_STARTTLS",
-            6 => "NBD_OPT_INFO",
-            7 => "NBD_OPT_GO",
-            8 => "NBD_OPT_STRUCTURED_REPLY",
-            9 => "NBD_OPT_LIST_META_CONTEXT",
-            10 => "NBD_OPT_SET_META_CONTEXT",
-            11 => "NBD_OPT_EXTENDED_HEADERS",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Opt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(n) => f.write_str(n),
-            None => write!(f, "option {}", self.0),
-        }
-    }
-}
-
-/// Option reply types (`NBD_REP_*`); errors have bit 31 set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RepType(pub u32);
-
-impl RepType {
-    /// `NBD_REP_ACK` (1).
-    pub const ACK: RepType = RepType(1);
-    /// `NBD_REP_SERVER` (2).
-    pub const SERVER: RepType = RepType(2);
-    /// `NBD_REP_INFO` (3).
-    pub const INFO: RepType = RepType(3);
-    /// `NBD_REP_META_CONTEXT` (4).
-    pub const META_CONTEXT: RepType = RepType(4);
-    /// `NBD_REP_ERR_UNSUP` (2^31 + 1).
-    pub const ERR_UNSUP: RepType = RepType((1 << 31) + 1);
-    /// `NBD_REP_ERR_POLICY` (2^31 + 2).
-    pub const ERR_POLICY: RepType = RepType((1 << 31) + 2);
-    /// `NBD_REP_ERR_INVALID` (2^31 + 3).
-    pub const ERR_INVALID: RepType = RepType((1 << 31) + 3);
-    /// `NBD_REP_ERR_PLATFORM` (2^31 + 4).
-    pub const ERR_PLATFORM: RepType = RepType((1 << 31) + 4);
-    /// `NBD_REP_ERR_TLS_REQD` (2^31 + 5).
-    pub const ERR_TLS_REQD: RepType = RepType((1 << 31) + 5);
-    /// `NBD_REP_ERR_UNKNOWN` (2^31 + 6).
-    pub const ERR_UNKNOWN: RepType = RepType((1 << 31) + 6);
-    /// `NBD_REP_ERR_SHUTDOWN` (2^31 + 7).
-    pub const ERR_SHUTDOWN: RepType = RepType((1 << 31) + 7);
-    /// `NBD_REP_ERR_BLOCK_SIZE_REQD` (2^31 + 8).
-    pub const ERR_BLOCK_SIZE_REQD: RepType = RepType((1 << 31) + 8);
-    /// `NBD_REP_ERR_TOO_BIG` (2^31 + 9).
-    pub const ERR_TOO_BIG: RepType = RepType((1 << 31) + 9);
-    /// `NBD_REP_ERR_EXT_HEADER_REQD` (2^31 + 10).
-    pub const ERR_EXT_HEADER_REQD: RepType = RepType((1 << 31) + 10);
-
-    /// True for error replies (bit 31 set).
-    pub fn is_error(self) -> bool {
-        self.0 & (1 << 31) != 0
-    }
-
-    /// The spec's name, e.g. `NBD_REP_ERR_UNKNOWN`.
-    pub fn name(self) -> Option<&'static str> {
-        const E: u32 = 1 << 31;
-        Some(match self.0 {
-            1 => "NBD_REP_ACK",
-            2 => "NBD_REP_SERVER",
-            3 => "NBD_REP_INFO",
-            4 => "NBD_REP_META_CONTEXT",
-            x if x == E + 1 => "NBD_REP_ERR_UNSUP",
-            x if x == E + 2 => "NBD_REP_ERR_POLICY",
-            x if x == E + 3 => "NBD_REP_ERR_INVALID",
-            x if x == E + 4 => "NBD_REP_ERR_PLATFORM",
-            x if x == E + 5 => "NBD_REP_ERR_TLS_REQD",
-            x if x == E + 6 => "NBD_REP_ERR_UNKNOWN",
-            x if x == E + 7 => "NBD_REP_ERR_SHUTDOWN",
-            x if x == E + 8 => "NBD_REP_ERR_BLOCK_SIZE_REQD",
-            x if x == E + 9 => "NBD_REP_ERR_TOO_BIG",
-            x if x == E + 10 => "NBD_REP_ERR_EXT_HEADER_REQD",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for RepType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(n) => f.write_str(n),
-            None => write!(f, "reply type {:#x}", self.0),
-        }
-    }
-}
 
 /// `NBD_INFO_EXPORT` (0).
 pub const NBD_INFO_EXPORT: u16 = 0;
@@ -200,6 +77,256 @@ pub const NBD_INFO_NAME: u16 = 1;
 pub const NBD_INFO_DESCRIPTION: u16 = 2;
 /// `NBD_INFO_BLOCK_SIZE` (3).
 pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
+
+/// The server's greeting (spec: "Newstyle negotiation").
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawGreeting {
+    /// `NBDMAGIC`.
+    pub magic: U64,
+    /// `IHAVEOPT` (newstyle) or the oldstyle magic.
+    pub newstyle: U64,
+    /// Handshake flags (`NBD_FLAG_FIXED_NEWSTYLE`, `NBD_FLAG_NO_ZEROES`).
+    pub flags: U16,
+}
+const _: () = assert!(size_of::<RawGreeting>() == 18);
+
+/// The header of an option request; `length` bytes of data follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawOptionRequest {
+    /// `IHAVEOPT`.
+    pub magic: U64,
+    /// Option code.
+    pub option: U32,
+    /// Bytes of option data.
+    pub length: U32,
+}
+const _: () = assert!(size_of::<RawOptionRequest>() == 16);
+
+/// The header of an option reply; `length` bytes of payload follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawOptionReply {
+    /// `0x3e889045565a9`.
+    pub magic: U64,
+    /// The option answered.
+    pub option: U32,
+    /// `NBD_REP_*`.
+    pub reply_type: U32,
+    /// Bytes of payload.
+    pub length: U32,
+}
+const _: () = assert!(size_of::<RawOptionReply>() == 20);
+
+/// The export's size and transmission flags: the body of `NBD_INFO_EXPORT`
+/// and the start of the `NBD_OPT_EXPORT_NAME` reply.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExportInfo {
+    /// Export size in bytes.
+    pub size: U64,
+    /// Transmission flags.
+    pub flags: U16,
+}
+const _: () = assert!(size_of::<RawExportInfo>() == 10);
+
+/// The body of `NBD_INFO_BLOCK_SIZE`.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawBlockSize {
+    /// Minimum block size.
+    pub minimum: U32,
+    /// Preferred block size.
+    pub preferred: U32,
+    /// Maximum payload size.
+    pub maximum: U32,
+}
+const _: () = assert!(size_of::<RawBlockSize>() == 12);
+
+/// A compact request header (structured or simple replies).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawCompactRequest {
+    /// `NBD_REQUEST_MAGIC`.
+    pub magic: U32,
+    /// `NBD_CMD_FLAG_*`.
+    pub flags: U16,
+    /// `NBD_CMD_*`.
+    pub command: U16,
+    /// Echoed in the reply.
+    pub cookie: U64,
+    /// Offset into the export.
+    pub offset: U64,
+    /// Length (32 bits).
+    pub length: U32,
+}
+const _: () = assert!(size_of::<RawCompactRequest>() == 28);
+
+/// An extended request header (`NBD_OPT_EXTENDED_HEADERS`).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExtendedRequest {
+    /// `NBD_EXTENDED_REQUEST_MAGIC`.
+    pub magic: U32,
+    /// `NBD_CMD_FLAG_*`.
+    pub flags: U16,
+    /// `NBD_CMD_*`.
+    pub command: U16,
+    /// Echoed in the reply.
+    pub cookie: U64,
+    /// Offset into the export.
+    pub offset: U64,
+    /// Effect length (64 bits).
+    pub length: U64,
+}
+const _: () = assert!(size_of::<RawExtendedRequest>() == 32);
+
+/// A simple reply; a successful simple `NBD_CMD_READ` reply is followed by its data.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawSimpleReply {
+    /// `NBD_SIMPLE_REPLY_MAGIC`.
+    pub magic: U32,
+    /// 0 or an `NBD_E*` value.
+    pub error: U32,
+    /// The request's cookie.
+    pub cookie: U64,
+}
+const _: () = assert!(size_of::<RawSimpleReply>() == 16);
+
+/// A structured reply chunk header; `length` bytes of payload follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawStructuredReply {
+    /// `NBD_STRUCTURED_REPLY_MAGIC`.
+    pub magic: U32,
+    /// `NBD_REPLY_FLAG_*`.
+    pub flags: U16,
+    /// `NBD_REPLY_TYPE_*`.
+    pub chunk_type: U16,
+    /// The request's cookie.
+    pub cookie: U64,
+    /// Bytes of payload (32 bits).
+    pub length: U32,
+}
+const _: () = assert!(size_of::<RawStructuredReply>() == 20);
+
+/// An extended reply chunk header; `length` bytes of payload follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExtendedReply {
+    /// `NBD_EXTENDED_REPLY_MAGIC`.
+    pub magic: U32,
+    /// `NBD_REPLY_FLAG_*`.
+    pub flags: U16,
+    /// `NBD_REPLY_TYPE_*`.
+    pub chunk_type: U16,
+    /// The request's cookie.
+    pub cookie: U64,
+    /// The request's offset, echoed.
+    pub offset: U64,
+    /// Bytes of payload (64 bits).
+    pub length: U64,
+}
+const _: () = assert!(size_of::<RawExtendedReply>() == 32);
+
+/// The payload of `NBD_REPLY_TYPE_OFFSET_HOLE`.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawOffsetHole {
+    /// Offset of the hole.
+    pub offset: U64,
+    /// Its length, nonzero.
+    pub length: U32,
+}
+const _: () = assert!(size_of::<RawOffsetHole>() == 12);
+
+/// The start of every error chunk's payload; the message follows.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawErrorPrefix {
+    /// `NBD_E*`, nonzero.
+    pub error: U32,
+    /// Bytes of message.
+    pub message_length: U16,
+}
+const _: () = assert!(size_of::<RawErrorPrefix>() == 6);
+
+/// The start of an `NBD_REPLY_TYPE_BLOCK_STATUS` payload; descriptors follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawStatusPrefix {
+    /// Metadata context ID.
+    pub context: U32,
+}
+const _: () = assert!(size_of::<RawStatusPrefix>() == 4);
+
+/// The start of an `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` payload; extended
+/// descriptors follow.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawStatusExtPrefix {
+    /// Metadata context ID.
+    pub context: U32,
+    /// Number of descriptors.
+    pub count: U32,
+}
+const _: () = assert!(size_of::<RawStatusExtPrefix>() == 8);
+
+/// A block status descriptor (compact headers).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawDescriptor {
+    /// Length of the extent, nonzero.
+    pub length: U32,
+    /// Context-defined status flags.
+    pub flags: U32,
+}
+const _: () = assert!(size_of::<RawDescriptor>() == 8);
+
+/// A block status descriptor (extended headers).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExtDescriptor {
+    /// Length of the extent, nonzero.
+    pub length: U64,
+    /// Context-defined status flags.
+    pub flags: U64,
+}
+const _: () = assert!(size_of::<RawExtDescriptor>() == 16);
+
+/// Bytes in a compact request header (magic, flags, type, cookie, offset, u32 length).
+pub const COMPACT_REQUEST_LEN: usize = size_of::<RawCompactRequest>();
+/// Bytes in an extended request header (as compact, with a u64 length).
+pub const EXTENDED_REQUEST_LEN: usize = size_of::<RawExtendedRequest>();
+/// Bytes in a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = size_of::<RawSimpleReply>();
+/// Bytes in a structured reply chunk header.
+pub const STRUCTURED_REPLY_LEN: usize = size_of::<RawStructuredReply>();
+/// Bytes in an extended reply chunk header.
+pub const EXTENDED_REPLY_LEN: usize = size_of::<RawExtendedReply>();
+
+/// Decodes a fixed layout from exactly its size in bytes.
+pub(crate) fn decode<T: FromBytes>(what: &'static str, buf: &[u8]) -> Result<T, ProtocolError> {
+    T::read_from_bytes(buf).map_err(|_| ProtocolError::WrongLength {
+        what,
+        expected: size_of::<T>(),
+        found: buf.len(),
+    })
+}
+
+/// Splits a fixed layout off the front of `buf`.
+pub(crate) fn decode_prefix<'a, T: FromBytes>(
+    what: &'static str,
+    buf: &'a [u8],
+) -> Result<(T, &'a [u8]), ProtocolError> {
+    T::read_from_prefix(buf).map_err(|_| ProtocolError::WrongLength {
+        what,
+        expected: size_of::<T>(),
+        found: buf.len(),
+    })
+}
 
 /// The 16 transmission flags sent with the export size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -274,24 +401,7 @@ impl TransmissionFlags {
     }
 }
 
-/// Which header layout the transmission phase uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HeaderMode {
-    /// 28-byte requests with a 32-bit length; simple replies only.
-    Simple,
-    /// 28-byte requests; simple replies or 20-byte structured chunks
-    /// (`NBD_OPT_STRUCTURED_REPLY` was acknowledged).
-    Structured,
-    /// 32-byte requests with a 64-bit length and 32-byte extended reply
-    /// chunks (`NBD_OPT_EXTENDED_HEADERS` was acknowledged).
-    Extended,
-}
-
 impl HeaderMode {
-    /// True when structured (or extended) replies were negotiated.
-    pub fn structured(self) -> bool {
-        !matches!(self, HeaderMode::Simple)
-    }
     /// Bytes in one request header in this mode.
     pub fn request_len(self) -> usize {
         match self {
@@ -299,193 +409,6 @@ impl HeaderMode {
             _ => COMPACT_REQUEST_LEN,
         }
     }
-}
-
-impl fmt::Display for HeaderMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            HeaderMode::Simple => "simple",
-            HeaderMode::Structured => "structured",
-            HeaderMode::Extended => "extended",
-        })
-    }
-}
-
-/// A request type (`NBD_CMD_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Command(pub u16);
-
-impl Command {
-    /// `NBD_CMD_READ` (0).
-    pub const READ: Command = Command(0);
-    /// `NBD_CMD_WRITE` (1).
-    pub const WRITE: Command = Command(1);
-    /// `NBD_CMD_DISC` (2).
-    pub const DISC: Command = Command(2);
-    /// `NBD_CMD_FLUSH` (3).
-    pub const FLUSH: Command = Command(3);
-    /// `NBD_CMD_TRIM` (4).
-    pub const TRIM: Command = Command(4);
-    /// `NBD_CMD_CACHE` (5).
-    pub const CACHE: Command = Command(5);
-    /// `NBD_CMD_WRITE_ZEROES` (6).
-    pub const WRITE_ZEROES: Command = Command(6);
-    /// `NBD_CMD_BLOCK_STATUS` (7).
-    pub const BLOCK_STATUS: Command = Command(7);
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = match self.0 {
-            0 => "NBD_CMD_READ",
-            1 => "NBD_CMD_WRITE",
-            2 => "NBD_CMD_DISC",
-            3 => "NBD_CMD_FLUSH",
-            4 => "NBD_CMD_TRIM",
-            5 => "NBD_CMD_CACHE",
-            6 => "NBD_CMD_WRITE_ZEROES",
-            7 => "NBD_CMD_BLOCK_STATUS",
-            x => return write!(f, "command {x}"),
-        };
-        f.write_str(n)
-    }
-}
-
-/// The opaque 64-bit value that pairs a reply with its request (called
-/// *handle* in older versions of the spec).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Cookie(pub u64);
-
-impl fmt::Display for Cookie {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-/// An error value of the transmission phase (`NBD_E*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Errno(pub u32);
-
-impl Errno {
-    /// `NBD_EPERM` (1).
-    pub const EPERM: Errno = Errno(1);
-    /// `NBD_EIO` (5).
-    pub const EIO: Errno = Errno(5);
-    /// `NBD_ENOMEM` (12).
-    pub const ENOMEM: Errno = Errno(12);
-    /// `NBD_EINVAL` (22).
-    pub const EINVAL: Errno = Errno(22);
-    /// `NBD_ENOSPC` (28).
-    pub const ENOSPC: Errno = Errno(28);
-    /// `NBD_EOVERFLOW` (75).
-    pub const EOVERFLOW: Errno = Errno(75);
-    /// `NBD_ENOTSUP` (95).
-    pub const ENOTSUP: Errno = Errno(95);
-    /// `NBD_ESHUTDOWN` (108).
-    pub const ESHUTDOWN: Errno = Errno(108);
-
-    /// The spec's name and meaning, e.g. `NBD_EIO (Input/output error)`.
-    pub fn describe(self) -> Option<&'static str> {
-        Some(match self.0 {
-            1 => "NBD_EPERM (Operation not permitted)",
-            5 => "NBD_EIO (Input/output error)",
-            12 => "NBD_ENOMEM (Cannot allocate memory)",
-            22 => "NBD_EINVAL (Invalid argument)",
-            28 => "NBD_ENOSPC (No space left on device)",
-            75 => "NBD_EOVERFLOW (Value too large)",
-            95 => "NBD_ENOTSUP (Operation not supported)",
-            108 => "NBD_ESHUTDOWN (Server is shutting down)",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Errno {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.describe() {
-            Some(d) => f.write_str(d),
-            // The spec: treat an unexpected value as NBD_EINVAL; we still
-            // show the number the server sent.
-            None => write!(f, "error {} (unknown, treated as NBD_EINVAL)", self.0),
-        }
-    }
-}
-
-/// A structured reply chunk type (`NBD_REPLY_TYPE_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ChunkType(pub u16);
-
-impl ChunkType {
-    /// `NBD_REPLY_TYPE_NONE` (0).
-    pub const NONE: ChunkType = ChunkType(0);
-    /// `NBD_REPLY_TYPE_OFFSET_DATA` (1).
-    pub const OFFSET_DATA: ChunkType = ChunkType(1);
-    /// `NBD_REPLY_TYPE_OFFSET_HOLE` (2).
-    pub const OFFSET_HOLE: ChunkType = ChunkType(2);
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS` (5).
-    pub const BLOCK_STATUS: ChunkType = ChunkType(5);
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (6).
-    pub const BLOCK_STATUS_EXT: ChunkType = ChunkType(6);
-    /// `NBD_REPLY_TYPE_ERROR` (2^15 + 1).
-    pub const ERROR: ChunkType = ChunkType((1 << 15) + 1);
-    /// `NBD_REPLY_TYPE_ERROR_OFFSET` (2^15 + 2).
-    pub const ERROR_OFFSET: ChunkType = ChunkType((1 << 15) + 2);
-
-    /// Error chunks have bit 15 set.
-    pub fn is_error(self) -> bool {
-        self.0 & (1 << 15) != 0
-    }
-}
-
-impl fmt::Display for ChunkType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = match self.0 {
-            0 => "NBD_REPLY_TYPE_NONE",
-            1 => "NBD_REPLY_TYPE_OFFSET_DATA",
-            2 => "NBD_REPLY_TYPE_OFFSET_HOLE",
-            5 => "NBD_REPLY_TYPE_BLOCK_STATUS",
-            6 => "NBD_REPLY_TYPE_BLOCK_STATUS_EXT",
-            32769 => "NBD_REPLY_TYPE_ERROR",
-            32770 => "NBD_REPLY_TYPE_ERROR_OFFSET",
-            x => return write!(f, "chunk type {x:#x}"),
-        };
-        f.write_str(n)
-    }
-}
-
-/// A metadata context ID assigned by the server in `NBD_REP_META_CONTEXT`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ContextId(pub u32);
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-pub(crate) fn read_be16(b: &[u8], at: usize) -> u16 {
-    be16(b, at)
-}
-pub(crate) fn read_be32(b: &[u8], at: usize) -> u32 {
-    be32(b, at)
-}
-pub(crate) fn read_be64(b: &[u8], at: usize) -> u64 {
-    be64(b, at)
-}
-
-fn exact(what: &'static str, buf: &[u8], expected: usize) -> Result<(), ProtocolError> {
-    if buf.len() != expected {
-        return Err(ProtocolError::WrongLength {
-            what,
-            expected,
-            found: buf.len(),
-        });
-    }
-    Ok(())
 }
 
 /// A transmission-phase request header.
@@ -510,26 +433,34 @@ impl Request {
     /// Fails if the length does not fit the 32-bit field of a compact header.
     pub fn encode(&self, mode: HeaderMode, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         match mode {
-            HeaderMode::Extended => {
-                out.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-                out.extend_from_slice(&self.flags.to_be_bytes());
-                out.extend_from_slice(&self.command.0.to_be_bytes());
-                out.extend_from_slice(&self.cookie.0.to_be_bytes());
-                out.extend_from_slice(&self.offset.to_be_bytes());
-                out.extend_from_slice(&self.length.to_be_bytes());
-            }
+            HeaderMode::Extended => out.extend_from_slice(
+                RawExtendedRequest {
+                    magic: EXTENDED_REQUEST_MAGIC.into(),
+                    flags: self.flags.into(),
+                    command: self.command.0.into(),
+                    cookie: self.cookie.0.into(),
+                    offset: self.offset.into(),
+                    length: self.length.into(),
+                }
+                .as_bytes(),
+            ),
             HeaderMode::Simple | HeaderMode::Structured => {
                 let length =
                     u32::try_from(self.length).map_err(|_| ProtocolError::LengthTooLarge {
                         length: self.length,
                         max: u32::MAX.into(),
                     })?;
-                out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                out.extend_from_slice(&self.flags.to_be_bytes());
-                out.extend_from_slice(&self.command.0.to_be_bytes());
-                out.extend_from_slice(&self.cookie.0.to_be_bytes());
-                out.extend_from_slice(&self.offset.to_be_bytes());
-                out.extend_from_slice(&length.to_be_bytes());
+                out.extend_from_slice(
+                    RawCompactRequest {
+                        magic: REQUEST_MAGIC.into(),
+                        flags: self.flags.into(),
+                        command: self.command.0.into(),
+                        cookie: self.cookie.0.into(),
+                        offset: self.offset.into(),
+                        length: length.into(),
+                    }
+                    .as_bytes(),
+                );
             }
         }
         Ok(())
@@ -538,42 +469,34 @@ impl Request {
     /// Parses a request header (compact or extended, told apart by the
     /// magic); the server side of [`Request::encode`], used by test servers.
     pub fn parse(buf: &[u8]) -> Result<Request, ProtocolError> {
-        if buf.len() < 4 {
-            return Err(ProtocolError::WrongLength {
-                what: "request header",
-                expected: COMPACT_REQUEST_LEN,
-                found: buf.len(),
-            });
-        }
-        let magic = be32(buf, 0);
-        let extended = match magic {
-            REQUEST_MAGIC => false,
-            EXTENDED_REQUEST_MAGIC => true,
-            found => {
-                return Err(ProtocolError::BadMagic {
-                    what: "request",
-                    expected: REQUEST_MAGIC.into(),
-                    found: found.into(),
-                });
+        let (magic, _) = decode_prefix::<U32>("request header", buf)?;
+        match magic.get() {
+            REQUEST_MAGIC => {
+                let r: RawCompactRequest = decode("request header", buf)?;
+                Ok(Request {
+                    flags: r.flags.get(),
+                    command: Command(r.command.get()),
+                    cookie: Cookie(r.cookie.get()),
+                    offset: r.offset.get(),
+                    length: r.length.get().into(),
+                })
             }
-        };
-        let len = if extended {
-            EXTENDED_REQUEST_LEN
-        } else {
-            COMPACT_REQUEST_LEN
-        };
-        exact("request header", buf, len)?;
-        Ok(Request {
-            flags: be16(buf, 4),
-            command: Command(be16(buf, 6)),
-            cookie: Cookie(be64(buf, 8)),
-            offset: be64(buf, 16),
-            length: if extended {
-                be64(buf, 24)
-            } else {
-                be32(buf, 24).into()
-            },
-        })
+            EXTENDED_REQUEST_MAGIC => {
+                let r: RawExtendedRequest = decode("extended request header", buf)?;
+                Ok(Request {
+                    flags: r.flags.get(),
+                    command: Command(r.command.get()),
+                    cookie: Cookie(r.cookie.get()),
+                    offset: r.offset.get(),
+                    length: r.length.get(),
+                })
+            }
+            found => Err(ProtocolError::BadMagic {
+                what: "request",
+                expected: REQUEST_MAGIC.into(),
+                found: found.into(),
+            }),
+        }
     }
 }
 
@@ -646,34 +569,36 @@ impl ReplyHeader {
 
     /// Parses a whole reply header (magic included).
     pub fn parse(buf: &[u8], mode: HeaderMode) -> Result<ReplyHeader, ProtocolError> {
-        if buf.len() < 4 {
-            return Err(ProtocolError::WrongLength {
-                what: "reply header",
-                expected: 4,
-                found: buf.len(),
-            });
-        }
-        let len = Self::len_for_magic(buf[..4].try_into().expect("4 bytes"), mode)?;
-        exact("reply header", buf, len)?;
-        Ok(match be32(buf, 0) {
-            SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
-                error: be32(buf, 4),
-                cookie: Cookie(be64(buf, 8)),
-            },
-            STRUCTURED_REPLY_MAGIC => ReplyHeader::Chunk(ChunkHeader {
-                flags: be16(buf, 4),
-                chunk_type: ChunkType(be16(buf, 6)),
-                cookie: Cookie(be64(buf, 8)),
-                offset: None,
-                payload_len: be32(buf, 16).into(),
-            }),
-            _ => ReplyHeader::Chunk(ChunkHeader {
-                flags: be16(buf, 4),
-                chunk_type: ChunkType(be16(buf, 6)),
-                cookie: Cookie(be64(buf, 8)),
-                offset: Some(be64(buf, 16)),
-                payload_len: be64(buf, 24),
-            }),
+        let (magic, _) = decode_prefix::<[u8; 4]>("reply header", buf)?;
+        Self::len_for_magic(magic, mode)?;
+        Ok(match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let r: RawSimpleReply = decode("simple reply header", buf)?;
+                ReplyHeader::Simple {
+                    error: r.error.get(),
+                    cookie: Cookie(r.cookie.get()),
+                }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let r: RawStructuredReply = decode("structured reply header", buf)?;
+                ReplyHeader::Chunk(ChunkHeader {
+                    flags: r.flags.get(),
+                    chunk_type: ChunkType(r.chunk_type.get()),
+                    cookie: Cookie(r.cookie.get()),
+                    offset: None,
+                    payload_len: r.length.get().into(),
+                })
+            }
+            _ => {
+                let r: RawExtendedReply = decode("extended reply header", buf)?;
+                ReplyHeader::Chunk(ChunkHeader {
+                    flags: r.flags.get(),
+                    chunk_type: ChunkType(r.chunk_type.get()),
+                    cookie: Cookie(r.cookie.get()),
+                    offset: Some(r.offset.get()),
+                    payload_len: r.length.get(),
+                })
+            }
         })
     }
 
@@ -682,33 +607,39 @@ impl ReplyHeader {
     /// `offset: Some(_)` is written as an extended chunk.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match *self {
-            ReplyHeader::Simple { cookie, error } => {
-                out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-                out.extend_from_slice(&error.to_be_bytes());
-                out.extend_from_slice(&cookie.0.to_be_bytes());
-            }
-            ReplyHeader::Chunk(c) => {
-                let magic = if c.offset.is_some() {
-                    EXTENDED_REPLY_MAGIC
-                } else {
-                    STRUCTURED_REPLY_MAGIC
-                };
-                out.extend_from_slice(&magic.to_be_bytes());
-                out.extend_from_slice(&c.flags.to_be_bytes());
-                out.extend_from_slice(&c.chunk_type.0.to_be_bytes());
-                out.extend_from_slice(&c.cookie.0.to_be_bytes());
-                match c.offset {
-                    Some(o) => {
-                        out.extend_from_slice(&o.to_be_bytes());
-                        out.extend_from_slice(&c.payload_len.to_be_bytes());
+            ReplyHeader::Simple { cookie, error } => out.extend_from_slice(
+                RawSimpleReply {
+                    magic: SIMPLE_REPLY_MAGIC.into(),
+                    error: error.into(),
+                    cookie: cookie.0.into(),
+                }
+                .as_bytes(),
+            ),
+            ReplyHeader::Chunk(c) => match c.offset {
+                Some(offset) => out.extend_from_slice(
+                    RawExtendedReply {
+                        magic: EXTENDED_REPLY_MAGIC.into(),
+                        flags: c.flags.into(),
+                        chunk_type: c.chunk_type.0.into(),
+                        cookie: c.cookie.0.into(),
+                        offset: offset.into(),
+                        length: c.payload_len.into(),
                     }
-                    None => {
+                    .as_bytes(),
+                ),
+                None => out.extend_from_slice(
+                    RawStructuredReply {
+                        magic: STRUCTURED_REPLY_MAGIC.into(),
+                        flags: c.flags.into(),
+                        chunk_type: c.chunk_type.0.into(),
+                        cookie: c.cookie.0.into(),
                         // Test servers may want to send a lying length;
                         // truncation is their business.
-                        out.extend_from_slice(&(c.payload_len as u32).to_be_bytes());
+                        length: (c.payload_len as u32).into(),
                     }
-                }
-            }
+                    .as_bytes(),
+                ),
+            },
         }
     }
 }
@@ -765,7 +696,7 @@ pub enum Chunk {
 impl Chunk {
     /// Bytes of `NBD_REPLY_TYPE_OFFSET_DATA` payload before the data (the
     /// 64-bit offset).
-    pub const DATA_PREFIX_LEN: usize = 8;
+    pub const DATA_PREFIX_LEN: usize = size_of::<U64>();
 
     /// Checks a chunk header's payload length for its type before the
     /// payload is read or allocated. For `OFFSET_DATA`, returns the number
@@ -783,74 +714,68 @@ impl Chunk {
             length: len,
             expected,
         };
+        let too_long = |max: u64| ProtocolError::ChunkTooLong {
+            chunk_type: t,
+            length: len,
+            max,
+        };
+        let wrong_mode = || ProtocolError::UnexpectedChunkType {
+            chunk_type: t,
+            mode,
+        };
+        let prefix = Self::DATA_PREFIX_LEN as u64;
+        let hole = size_of::<RawOffsetHole>() as u64;
+        let (status, status_ext) = (
+            size_of::<RawStatusPrefix>() as u64,
+            size_of::<RawStatusExtPrefix>() as u64,
+        );
+        let (desc, desc_ext) = (
+            size_of::<RawDescriptor>() as u64,
+            size_of::<RawExtDescriptor>() as u64,
+        );
+        let error = size_of::<RawErrorPrefix>() as u64;
         match t {
             ChunkType::NONE => (len == 0).then_some(0).ok_or_else(|| bad("0")),
             ChunkType::OFFSET_DATA => {
-                if len < 9 {
+                if len <= prefix {
                     return Err(bad("at least 9"));
                 }
-                let data = len - 8;
+                let data = len - prefix;
                 if data > max_data {
-                    return Err(ProtocolError::ChunkTooLong {
-                        chunk_type: t,
-                        length: len,
-                        max: max_data + 8,
-                    });
+                    return Err(too_long(max_data + prefix));
                 }
                 Ok(data)
             }
-            ChunkType::OFFSET_HOLE => (len == 12).then_some(12).ok_or_else(|| bad("12")),
-            ChunkType::BLOCK_STATUS if mode == HeaderMode::Extended => {
-                Err(ProtocolError::UnexpectedChunkType {
-                    chunk_type: t,
-                    mode,
-                })
-            }
-            ChunkType::BLOCK_STATUS_EXT if mode != HeaderMode::Extended => {
-                Err(ProtocolError::UnexpectedChunkType {
-                    chunk_type: t,
-                    mode,
-                })
-            }
+            ChunkType::OFFSET_HOLE => (len == hole).then_some(hole).ok_or_else(|| bad("12")),
+            ChunkType::BLOCK_STATUS if mode == HeaderMode::Extended => Err(wrong_mode()),
+            ChunkType::BLOCK_STATUS_EXT if mode != HeaderMode::Extended => Err(wrong_mode()),
             ChunkType::BLOCK_STATUS => {
-                if len < 12 || !(len - 4).is_multiple_of(8) {
+                if len < status + desc || !(len - status).is_multiple_of(desc) {
                     return Err(bad("4 + a positive multiple of 8"));
                 }
-                let max = 4 + 8 * MAX_DESCRIPTORS;
+                let max = status + desc * MAX_DESCRIPTORS;
                 if len > max {
-                    return Err(ProtocolError::ChunkTooLong {
-                        chunk_type: t,
-                        length: len,
-                        max,
-                    });
+                    return Err(too_long(max));
                 }
                 Ok(len)
             }
             ChunkType::BLOCK_STATUS_EXT => {
-                if len < 24 || !(len - 8).is_multiple_of(16) {
+                if len < status_ext + desc_ext || !(len - status_ext).is_multiple_of(desc_ext) {
                     return Err(bad("8 + a positive multiple of 16"));
                 }
-                let max = 8 + 16 * MAX_DESCRIPTORS;
+                let max = status_ext + desc_ext * MAX_DESCRIPTORS;
                 if len > max {
-                    return Err(ProtocolError::ChunkTooLong {
-                        chunk_type: t,
-                        length: len,
-                        max,
-                    });
+                    return Err(too_long(max));
                 }
                 Ok(len)
             }
-            ChunkType::ERROR_OFFSET if len < 14 => Err(bad("at least 14")),
+            ChunkType::ERROR_OFFSET if len < error + 8 => Err(bad("at least 14")),
             _ if t.is_error() => {
-                if len < 6 {
+                if len < error {
                     return Err(bad("at least 6"));
                 }
                 if len > MAX_ERROR_PAYLOAD {
-                    return Err(ProtocolError::ChunkTooLong {
-                        chunk_type: t,
-                        length: len,
-                        max: MAX_ERROR_PAYLOAD,
-                    });
+                    return Err(too_long(MAX_ERROR_PAYLOAD));
                 }
                 Ok(len)
             }
@@ -860,8 +785,7 @@ impl Chunk {
 
     /// Parses the 8-byte prefix of an `OFFSET_DATA` payload: the offset.
     pub fn data_prefix(buf: &[u8]) -> Result<u64, ProtocolError> {
-        exact("offset data prefix", buf, Self::DATA_PREFIX_LEN)?;
-        Ok(be64(buf, 0))
+        Ok(decode::<U64>("offset data prefix", buf)?.get())
     }
 
     /// Parses the payload of a chunk other than `OFFSET_DATA`. Call
@@ -898,85 +822,109 @@ impl Chunk {
                 Chunk::None
             }
             ChunkType::OFFSET_HOLE => {
-                let length = be32(payload, 8);
-                if length == 0 {
+                let h: RawOffsetHole = decode("offset hole payload", payload)?;
+                if h.length.get() == 0 {
                     return Err(ProtocolError::EmptyHole);
                 }
                 Chunk::OffsetHole {
-                    offset: be64(payload, 0),
-                    length,
+                    offset: h.offset.get(),
+                    length: h.length.get(),
                 }
             }
             ChunkType::BLOCK_STATUS => {
-                let descriptors = payload[4..]
-                    .chunks_exact(8)
-                    .map(|d| Descriptor {
-                        length: be32(d, 0).into(),
-                        flags: be32(d, 4).into(),
-                    })
-                    .collect();
+                let (p, rest) = decode_prefix::<RawStatusPrefix>("block status payload", payload)?;
+                let raw = <[RawDescriptor]>::ref_from_bytes(rest).map_err(|_| {
+                    ProtocolError::BadChunkLength {
+                        chunk_type: t,
+                        length: header.payload_len,
+                        expected: "4 + a positive multiple of 8",
+                    }
+                })?;
                 Chunk::BlockStatus {
-                    context: ContextId(be32(payload, 0)),
-                    descriptors,
+                    context: ContextId(p.context.get()),
+                    descriptors: raw
+                        .iter()
+                        .map(|d| Descriptor {
+                            length: d.length.get().into(),
+                            flags: d.flags.get().into(),
+                        })
+                        .collect(),
                 }
             }
             ChunkType::BLOCK_STATUS_EXT => {
-                let count = be32(payload, 4);
-                let actual = (payload.len() - 8) / 16;
-                if count as usize != actual {
+                let (p, rest) =
+                    decode_prefix::<RawStatusExtPrefix>("block status payload", payload)?;
+                let raw = <[RawExtDescriptor]>::ref_from_bytes(rest).map_err(|_| {
+                    ProtocolError::BadChunkLength {
+                        chunk_type: t,
+                        length: header.payload_len,
+                        expected: "8 + a positive multiple of 16",
+                    }
+                })?;
+                if p.count.get() as usize != raw.len() {
                     return Err(ProtocolError::DescriptorCount {
-                        count,
-                        fits: actual,
+                        count: p.count.get(),
+                        fits: raw.len(),
                     });
                 }
-                let descriptors = payload[8..]
-                    .chunks_exact(16)
-                    .map(|d| Descriptor {
-                        length: be64(d, 0),
-                        flags: be64(d, 8),
-                    })
-                    .collect();
                 Chunk::BlockStatus {
-                    context: ContextId(be32(payload, 0)),
-                    descriptors,
+                    context: ContextId(p.context.get()),
+                    descriptors: raw
+                        .iter()
+                        .map(|d| Descriptor {
+                            length: d.length.get(),
+                            flags: d.flags.get(),
+                        })
+                        .collect(),
                 }
             }
-            _ => {
-                // Every error chunk starts with error, message length, message.
-                let errno = Errno(be32(payload, 0));
-                if errno.0 == 0 {
-                    return Err(ProtocolError::ZeroErrno { chunk_type: t });
-                }
-                let msg_len = usize::from(be16(payload, 4));
-                let trailer = if t == ChunkType::ERROR_OFFSET { 8 } else { 0 };
-                let available = payload.len() - 6 - trailer;
-                if msg_len > available {
-                    return Err(ProtocolError::ErrorMessageTooLong {
-                        message_length: msg_len,
-                        available,
-                    });
-                }
-                let message = String::from_utf8_lossy(&payload[6..6 + msg_len]).into_owned();
-                if t == ChunkType::ERROR_OFFSET {
-                    if msg_len != available {
-                        return Err(ProtocolError::ErrorMessageTooLong {
-                            message_length: msg_len,
-                            available,
-                        });
-                    }
-                    Chunk::ErrorOffset {
-                        errno,
-                        message,
-                        offset: be64(payload, 6 + msg_len),
-                    }
-                } else {
-                    // ERROR, or an unknown error type: its trailing fields
-                    // are unknown to us, so the message is all we keep.
-                    Chunk::Error { errno, message }
-                }
-            }
+            _ => Self::parse_error(t, payload)?,
         })
     }
+
+    /// An error chunk: error, message length, message, and for
+    /// `ERROR_OFFSET` the offset.
+    fn parse_error(t: ChunkType, payload: &[u8]) -> Result<Chunk, ProtocolError> {
+        let (p, rest) = decode_prefix::<RawErrorPrefix>("error chunk payload", payload)?;
+        let errno = Errno(p.error.get());
+        if errno.0 == 0 {
+            return Err(ProtocolError::ZeroErrno { chunk_type: t });
+        }
+        let msg_len = usize::from(p.message_length.get());
+        let trailer = if t == ChunkType::ERROR_OFFSET { 8 } else { 0 };
+        let available = rest.len() - trailer;
+        let too_long = ProtocolError::ErrorMessageTooLong {
+            message_length: msg_len,
+            available,
+        };
+        if msg_len > available {
+            return Err(too_long);
+        }
+        let (msg, tail) = rest.split_at(msg_len);
+        let message = String::from_utf8_lossy(msg).into_owned();
+        if t == ChunkType::ERROR_OFFSET {
+            if msg_len != available {
+                return Err(too_long);
+            }
+            return Ok(Chunk::ErrorOffset {
+                errno,
+                message,
+                offset: decode::<U64>("error offset", tail)?.get(),
+            });
+        }
+        // ERROR, or an unknown error type: its trailing fields are unknown
+        // to us, so the message is all we keep.
+        Ok(Chunk::Error { errno, message })
+    }
+}
+
+/// The `u16` at `at` in `b`, big-endian. Callers check the length first.
+pub(crate) fn read_be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+/// The `u32` at `at` in `b`, big-endian.
+pub(crate) fn read_be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 #[cfg(test)]

@@ -252,3 +252,73 @@ pub fn qemu_io_cmds(image: &Path, cmds: &[&str]) {
     cmd.arg(image);
     run(&mut cmd);
 }
+
+/// One request as nbdkit's log filter records it.
+#[derive(Debug)]
+pub struct Logged {
+    /// nbdkit's connection number, from 1.
+    pub connection: u64,
+    /// `Read`, `Write`, `Extents`, `Zero`, `Trim` or `Flush`.
+    pub kind: String,
+    /// Offset asked for.
+    pub offset: u64,
+    /// Length asked for.
+    pub count: u64,
+}
+
+/// The requests in a log filter's file, in order, of the connections
+/// opened after the first `skip` (those of the oracles run before).
+pub fn requests(log: &Path, skip: u64) -> Vec<Logged> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let hex = |line: &str, key: &str| {
+        let at = line.find(key)? + key.len();
+        let v = line[at..].split_whitespace().next()?;
+        u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()
+    };
+    text.lines()
+        .filter(|l| !l.contains(" ...") || l.ends_with(" ..."))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip(3);
+            let kind = words.next()?;
+            if !matches!(
+                kind,
+                "Read" | "Write" | "Extents" | "Zero" | "Trim" | "Flush"
+            ) {
+                return None;
+            }
+            let connection = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("connection="))?
+                .parse()
+                .ok()?;
+            Some(Logged {
+                connection,
+                kind: kind.into(),
+                offset: hex(l, "offset=").unwrap_or(0),
+                count: hex(l, "count=").unwrap_or(0),
+            })
+        })
+        .filter(|r| r.connection > skip)
+        .collect()
+}
+
+/// How many connections the log has seen so far.
+pub fn connections(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|w| w.strip_prefix("connection=")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `nbdkit --filter=log ARGS... logfile=DIR/requests.log`: the log filter
+/// first, so it records what the client sent.
+pub fn nbdkit_logged(dir: &Path, args: &[&str]) -> (Server, PathBuf) {
+    let log = dir.join("requests.log");
+    let sock = dir.join("k.sock");
+    let logfile = format!("logfile={}", log.display());
+    let mut all = vec!["--filter=log"];
+    all.extend_from_slice(args);
+    all.push(&logfile);
+    (start_nbdkit(&sock, &all), log)
+}
