@@ -202,9 +202,9 @@ pub enum Opened {
     /// A qcow2 image with its backing chain.
     Qcow2(Qcow2Source),
     /// An NBD export.
-    Nbd(NbdSource),
+    Nbd(Box<NbdSource>),
     /// A forward-only qcow2 stream (standard input).
-    Stream(StreamSource),
+    Stream(Box<StreamSource>),
 }
 
 impl Opened {
@@ -220,7 +220,7 @@ impl Opened {
                     });
                 }
                 let src = NbdSource::connect(uri, &opts.contexts, opts.connections, opts.timeout)?;
-                Ok(Opened::Nbd(src))
+                Ok(Opened::Nbd(Box::new(src)))
             }
             Spec::Stdio => {
                 if opts.format == Some(Format::Raw) {
@@ -241,10 +241,10 @@ impl Opened {
             name: name.into(),
             source,
         })?;
-        Ok(Opened::Stream(StreamSource {
+        Ok(Opened::Stream(Box::new(StreamSource {
             decoder,
             name: name.into(),
-        }))
+        })))
     }
 
     /// The file, device or URI, for messages.
@@ -269,7 +269,7 @@ impl Opened {
         match self {
             Opened::Raw(s) => Some(s),
             Opened::Qcow2(s) => Some(s),
-            Opened::Nbd(s) => Some(s),
+            Opened::Nbd(s) => Some(s.as_ref()),
             Opened::Stream(_) => None,
         }
     }

@@ -401,6 +401,7 @@ impl Plan {
                     .map_err(|e| Failed::new(settings.range.start, 0, e))?;
                 let r = match source {
                     Opened::Stream(s) => {
+                        let s = *s;
                         crate::stream::import(s.decoder, &s.name, &sink, &settings, progress, stop)
                     }
                     ref other => {
