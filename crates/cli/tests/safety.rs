@@ -126,6 +126,33 @@ fn usage_errors_leave_an_existing_dest_untouched() {
     }
 }
 
+/// A qcow2 image whose first L1 entry points far past the end of the file:
+/// refused when opened, before DEST is touched.
+#[test]
+fn a_damaged_l1_table_leaves_an_existing_dest_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = small_qcow2(dir.path());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut h = [0u8; 48];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    // COPIED flag, L2 table at 1 TiB.
+    f.write_all_at(&((1u64 << 63) | (1 << 40)).to_be_bytes(), l1)
+        .unwrap();
+    drop(f);
+    let keep = Kept::new(dir.path().join("keep.raw"));
+    let err = fails(&copy(&[s(&img), s(&keep.path)]), "small.qcow2");
+    assert!(err.contains("L1") || err.contains("L2"), "{err}");
+    keep.assert_untouched("damaged L1");
+    let new = dir.path().join("new.raw");
+    fails(&copy(&[s(&img), s(&new)]), "small.qcow2");
+    assert!(!new.exists());
+}
+
 /// A qcow2 image whose second L2 entry points past the end of the file:
 /// found only while copying.
 fn damaged_l2(dir: &Path) -> PathBuf {

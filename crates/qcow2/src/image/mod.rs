@@ -137,10 +137,13 @@ impl Qcow2 {
         // Both sizes are capped by Header::parse (32 MiB, 8 MiB).
         let mut l1_bytes = vec![0; header.l1_size as usize * 8];
         host.pread(tables, &mut l1_bytes, header.l1_table_offset.0, "L1 table")?;
-        let l1 = l1_bytes
+        let l1: Vec<L1Entry> = l1_bytes
             .chunks_exact(8)
             .map(|c| L1Entry(be64(c, 0)))
             .collect();
+        if tables == Within::File {
+            check_l1(&l1, &header, host.size)?;
+        }
         let mut rt = vec![0; header.refcount_table_bytes() as usize];
         host.pread(
             tables,
@@ -516,6 +519,29 @@ impl Qcow2 {
     pub fn actual_size(&self) -> Result<u64> {
         actual_size(&self.host.file)
     }
+}
+
+/// Checks every entry of the active L1 table when the image is opened, so
+/// that a damaged one refuses the image before anything is read from it (a
+/// copy's destination is not touched): reserved bits, alignment, and the
+/// L2 table inside the file, as a lookup would find them one by one.
+fn check_l1(l1: &[L1Entry], header: &Header, file_size: u64) -> Result<()> {
+    let table = header.l1_table_offset.0;
+    let cluster = 1u64 << header.cluster_bits;
+    for (index, &e) in l1.iter().enumerate() {
+        if let Some(l2) = validate_l1(e, index as u64, table, header.cluster_bits)? {
+            let end = l2.0.saturating_add(cluster);
+            if end > file_size {
+                return Err(Error::OutsideFile {
+                    what: "L2 table",
+                    offset: l2.0,
+                    end,
+                    file_size,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks an L1 entry; `Ok(None)` when its L2 table is unallocated.
