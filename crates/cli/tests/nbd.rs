@@ -2,6 +2,7 @@
 //! `qemu-img map`, `nbdinfo --map` and `qemu-img convert` as oracles; an
 //! incremental backup cycle; and server faults.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -433,4 +434,90 @@ fn stalled_server_times_out() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no progress within 2s"), "{err}");
+}
+
+/// `nbdkit memory size=1T` with a little data written into it, and the
+/// same behind the blocksize filter with minblock=4096 (which nbdkit 1.32
+/// kills itself over when asked for 0xffffffff or 0xfffffe00 bytes of
+/// block status): `map`, `map --context base:allocation` and `copy` work,
+/// agree with qemu-img, and the server is still serving afterwards.
+#[test]
+fn one_tib_exports_and_the_blocksize_filter() {
+    const TIB: u64 = 1 << 40;
+    for filter in [&[][..], &["--filter=blocksize"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = filter.to_vec();
+        args.extend(["memory", "size=1T"]);
+        if !filter.is_empty() {
+            args.push("minblock=4096");
+        }
+        let server = nbdkit(dir.path(), &args);
+        let uri = server.uri();
+        // Data at 1 GiB and at the very end, written by qemu-io over NBD.
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -q -P 5 1G 1M",
+                "-c",
+                "write -q -P 6 1099510579200 1M",
+                &uri,
+            ],
+        );
+        let what = format!("{filter:?}");
+        let ours = json("map", &["--json", &uri]);
+        assert_eq!(
+            canonical_map(&ours),
+            canonical_map(&qemu_img_map_uri(&uri)),
+            "{what}"
+        );
+        let ctx = json("map", &["--context", "base:allocation", "--json", &uri]);
+        let entries = ctx.as_array().unwrap();
+        let sum: u64 = entries.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+        assert_eq!(sum, TIB, "{what}");
+        let data: u64 = entries
+            .iter()
+            .filter(|e| e["type"].as_u64().unwrap() & 1 == 0)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert!(
+            (2 << 20..=64 << 20).contains(&data),
+            "{what}: {data} bytes of data"
+        );
+
+        let out = dir.path().join("out.raw");
+        let o = sparsekit("copy", &[&uri, out.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), TIB);
+        let cmp = Command::new(require("qemu-img"))
+            .args([
+                "compare",
+                "-q",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &uri,
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "{what}: copy differs from the export: {cmp:?}"
+        );
+        assert!(
+            std::fs::metadata(&out).unwrap().blocks() * 512 <= 16 << 20,
+            "{what}: only the data is allocated"
+        );
+        // Still serving.
+        let again = json("map", &["--json", &uri]);
+        assert_eq!(again, ours, "{what}: the server is gone");
+    }
 }
