@@ -9,7 +9,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use sparsekit_fuzz_harness::TARGETS;
 
@@ -84,15 +83,9 @@ fn every_kept_input_runs_clean() {
         for input in kept.iter().filter(|i| i.starts_with(&prefix)) {
             let path = root.join(input);
             let data = std::fs::read(&path).unwrap();
-            let start = Instant::now();
+            // Slowness is the fuzz run's to catch (libFuzzer's -timeout in
+            // `cargo xtask test`), not a timing assertion's.
             run(&data);
-            // libFuzzer's -timeout is 10 s, on an optimised build.
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{} took {:?}",
-                path.display(),
-                start.elapsed()
-            );
             replayed += 1;
         }
     }

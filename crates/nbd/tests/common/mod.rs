@@ -175,16 +175,28 @@ pub fn start_nbdkit(sock: &Path, args: &[&str]) -> Server {
 
 /// `nbdkit` on 127.0.0.1 and a free TCP port.
 pub fn start_nbdkit_tcp(args: &[&str]) -> Server {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut cmd = Command::new(nbdkit());
-    cmd.args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-        .arg(port.to_string())
+    // The port is bound here and handed to nbdkit by socket activation
+    // (fd 3, LISTEN_FDS=1, LISTEN_PID its own pid): picking a free port and
+    // letting nbdkit bind it later raced with other tests' servers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" "$@""#)
+        .arg(nbdkit())
+        .args(["-f", "--exit-with-parent"])
         .args(args);
-    let ready = move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-    spawn_and_wait(cmd, ready, format!("nbd://127.0.0.1:{port}/"))
+    let child = cmd
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning nbdkit: {e}"));
+    // Listening already: connections queue until nbdkit accepts them.
+    Server {
+        child,
+        uri: format!("nbd://127.0.0.1:{port}/"),
+    }
 }
 
 /// `nbdinfo --map[=CTX] --json URI`, neighbours with equal type merged.
