@@ -330,6 +330,16 @@ impl Plan {
         &self.settings
     }
 
+    /// Connections the source reads through (NBD: one per worker up to
+    /// [`NBD_CONNECTIONS`] where the server allows several; a local source
+    /// reads its files directly: 1).
+    pub fn connections(&self) -> usize {
+        match &self.source {
+            Opened::Nbd(n) => n.connections(),
+            _ => 1,
+        }
+    }
+
     /// How the destination will be opened.
     pub fn mode(&self) -> DestMode {
         self.mode
@@ -649,6 +659,8 @@ fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::{OpenOptions, Spec};
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn nbd_connections_follow_the_workers_up_to_four() {
@@ -663,5 +675,156 @@ mod tests {
     fn default_jobs_are_four_per_core_within_bounds() {
         let j = default_jobs();
         assert!((4..=16).contains(&j));
+    }
+
+    /// An 8 MiB raw file with 1 MiB of data at 2 MiB, and a folder for
+    /// destinations.
+    fn raw_source() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1u8; 1 << 20], 2 << 20).unwrap();
+        (dir, src)
+    }
+
+    fn plan(src: &Path, dst: &Path, req: &Request) -> Result<Plan, PlanError> {
+        let source = Opened::open(&Spec::Path(src.into()), &OpenOptions::default()).unwrap();
+        let dest = Destination::inspect(&Spec::Path(dst.into())).unwrap();
+        Plan::new(source, dest, req)
+    }
+
+    #[test]
+    fn a_raw_copy_takes_raw_chunks_and_the_default_workers() {
+        let (dir, src) = raw_source();
+        let p = plan(&src, &dir.path().join("d"), &Request::default()).unwrap();
+        assert_eq!(p.kind(), Kind::Copy);
+        let s = p.settings();
+        assert_eq!((s.chunk_size, s.jobs), (RAW_CHUNK, default_jobs()));
+        assert_eq!((s.range.clone(), s.dest_offset), (0..8 << 20, 0));
+        assert!(s.sparse);
+        assert_eq!(p.mode(), DestMode::Replace);
+        assert_eq!(p.connections(), 1);
+        // 1 MiB of data is far below any free-run ceiling.
+        assert_eq!(p.evict(), Evict::WhenSlow);
+        assert!(!dir.path().join("d").exists(), "planning created DEST");
+    }
+
+    #[test]
+    fn the_user_s_choices_win_where_given() {
+        let (dir, src) = raw_source();
+        let req = Request {
+            jobs: Some(3),
+            chunk_size: Some(64 << 10),
+            no_sparse: true,
+            evict: Some(false),
+            skip: 1 << 20,
+            length: Some(4 << 20),
+            offset: Some(512),
+            ..Request::default()
+        };
+        let p = plan(&src, &dir.path().join("d"), &req).unwrap();
+        let s = p.settings();
+        assert_eq!((s.jobs, s.chunk_size, s.sparse), (3, 64 << 10, false));
+        assert_eq!(
+            (s.range.clone(), s.dest_offset),
+            ((1 << 20)..(5 << 20), 512)
+        );
+        assert_eq!(p.dest_end(), 512 + (4 << 20));
+        assert_eq!(p.evict(), Evict::Never);
+        assert_eq!(p.mode(), DestMode::Update, "--offset updates in place");
+        let always = Request {
+            evict: Some(true),
+            ..Request::default()
+        };
+        assert_eq!(
+            plan(&src, &dir.path().join("d"), &always).unwrap().evict(),
+            Evict::Always
+        );
+    }
+
+    #[test]
+    fn a_stream_export_reads_in_default_chunks() {
+        let (dir, src) = raw_source();
+        let req = Request {
+            output: Output::Qcow2 { cluster_bits: 16 },
+            ..Request::default()
+        };
+        let p = plan(&src, &dir.path().join("d.qcow2"), &req).unwrap();
+        assert_eq!(p.kind(), Kind::Export { cluster_bits: 16 });
+        assert_eq!(p.settings().chunk_size, DEFAULT_CHUNK);
+    }
+
+    #[test]
+    fn updates_need_an_existing_dest_of_the_right_size() {
+        let (dir, src) = raw_source();
+        let missing = dir.path().join("missing");
+        let no_create = Request {
+            no_create: true,
+            ..Request::default()
+        };
+        let e = plan(&src, &missing, &no_create).unwrap_err();
+        assert!(matches!(e, PlanError::DestMissing { .. }), "{e:?}");
+        let existing = dir.path().join("old");
+        std::fs::write(&existing, b"old").unwrap();
+        let p = plan(&src, &existing, &no_create).unwrap();
+        assert_eq!(p.mode(), DestMode::Update);
+    }
+
+    #[test]
+    fn ranges_past_the_source_and_bad_chunks_are_refused() {
+        let (dir, src) = raw_source();
+        let d = dir.path().join("d");
+        let cases = [
+            Request {
+                skip: (8 << 20) + 1,
+                ..Request::default()
+            },
+            Request {
+                skip: 4 << 20,
+                length: Some((4 << 20) + 1),
+                ..Request::default()
+            },
+            Request {
+                length: Some(u64::MAX),
+                skip: 1,
+                ..Request::default()
+            },
+            Request {
+                offset: Some(u64::MAX - 10),
+                ..Request::default()
+            },
+            Request {
+                chunk_size: Some(1024),
+                ..Request::default()
+            },
+            Request {
+                chunk_size: Some((1 << 30) + 1),
+                ..Request::default()
+            },
+        ];
+        for req in cases {
+            let e = plan(&src, &d, &req).expect_err(&format!("{req:?}"));
+            assert!(
+                matches!(
+                    e,
+                    PlanError::SkipPastEnd { .. }
+                        | PlanError::LengthPastEnd { .. }
+                        | PlanError::OffsetOverflow { .. }
+                        | PlanError::ChunkSize { .. }
+                ),
+                "{req:?}: {e:?}"
+            );
+        }
+        // Exactly to the end is fine, and so is a length of 0.
+        for (skip, length) in [(8 << 20, Some(0)), (0, Some(8 << 20)), (8 << 20, None)] {
+            let req = Request {
+                skip,
+                length,
+                ..Request::default()
+            };
+            plan(&src, &d, &req).unwrap();
+        }
+        assert!(!d.exists());
     }
 }
