@@ -51,7 +51,9 @@ enum Task {
     },
     /// Time sparsekit and its peers side by side; write BENCHMARKS.md.
     Bench {
-        /// Runs per command (the median is reported).
+        /// Rounds, each running every command of a workload once: times
+        /// and each command's per-round ratio to sparsekit's are reported
+        /// by their median and spread.
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Only the image workloads (qcow2, W3, NBD, stream), printed to

@@ -28,7 +28,7 @@ use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 use sparsekit_testkit as testkit;
 
-use super::{Contender, Hooks, Stats, contender, measure, race_with, tool_version};
+use super::{Contender, Hooks, Ratio, Stats, contender, measure, race_with, tool_version};
 use crate::{display, root, sh};
 
 /// A copy workload: a bench fixture of fixtures/manifest.toml.
@@ -209,8 +209,10 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
          output's st_blocks as the command left it (where the command does not flush, ext4 \
          has not yet allocated its extent-tree blocks: a few KiB more once written back). \
          **Warm**: the source's pages cached. **Cold**: the source's pages dropped before \
-         every run (posix_fadvise DONTNEED). `÷ sparsekit` is the command's median divided \
-         by sparsekit `copy`'s: above 1 means sparsekit is faster. `bmaptool copy` checks \
+         every run (posix_fadvise DONTNEED). `÷ sparsekit` is the command's time divided by \
+         sparsekit `copy`'s in the same round, warm with warm and cold with cold: the median \
+         of those per-round ratios, then their range; above 1 means sparsekit is faster. \
+         `bmaptool copy` checks \
          the SHA-256 of every range against the bmap file while copying (its default); the \
          bmap file is made beforehand (`bmaptool create`, untimed). The Python port is \
          [xtask/bench/sparse_copy.py](xtask/bench/sparse_copy.py), the original filemap \
@@ -312,7 +314,7 @@ fn table(
     allocated: &[Option<u64>],
     flushes: &[(Role, String, String)],
 ) {
-    let (wb, cb) = (warm[0].median, cold[0].median);
+    let (wb, cb) = (&warm[0], &cold[0]);
     md.push_str(
         "| command | flushes DEST (strace) | allocated | peak RSS | warm median | warm min \
          | warm ÷ sparsekit | cold median | cold min | cold ÷ sparsekit |\n\
@@ -325,17 +327,17 @@ fn table(
         let flush = &flushes[i].2;
         let _ = writeln!(
             md,
-            "| {} (`{}`) | {flush} | {alloc} | {:.1} MiB | {:.2} s | {:.2} s | {:.2}× \
-             | {:.2} s | {:.2} s | {:.2}× |",
+            "| {} (`{}`) | {flush} | {alloc} | {:.1} MiB | {:.2} s | {:.2} s | {} \
+             | {:.2} s | {:.2} s | {} |",
             w.label,
             w.cmdline,
             w.max_rss_kib.max(c.max_rss_kib) as f64 / 1024.0,
             w.median,
             w.min,
-            w.median / wb,
+            Ratio::of(w, wb),
             c.median,
             c.min,
-            c.median / cb,
+            Ratio::of(c, cb),
         );
     }
 }
@@ -362,19 +364,20 @@ fn verdict(
         .find(|&i| role(i) == Role::Sparsekit)
         .expect("sparsekit copy is a contender");
     let ratio = |peer: &Stats, sk: &Stats| {
-        let r = peer.median / sk.median;
-        let word = if r >= 1.0 { "faster" } else { "slower" };
-        format!("{r:.2}× (sparsekit {word})")
+        let r = Ratio::of(peer, sk);
+        let word = if r.median >= 1.0 { "faster" } else { "slower" };
+        format!("{r}, sparsekit {word}")
     };
+    // The best peer is the one with the smallest paired ratio.
     let best = |stats: &[Stats]| {
+        let sk = &stats[sparsekit];
         let s = (0..stats.len())
             .filter(|&i| role(i) == Role::Peer)
             .map(|i| &stats[i])
-            .min_by(|a, b| a.median.total_cmp(&b.median))
+            .min_by(|a, b| Ratio::of(a, sk).median.total_cmp(&Ratio::of(b, sk).median))
             .expect("every workload has peers");
-        let sk = &stats[sparsekit];
         format!(
-            "sparsekit {:.2} s against the best peer, {}, {:.2} s: {}",
+            "sparsekit {:.2} s against the best peer, {}, {:.2} s (medians): {}",
             sk.median,
             s.label,
             s.median,
@@ -395,7 +398,7 @@ fn verdict(
             let _ = writeln!(
                 md,
                 "With the destination flushed on both sides: `{}` against `{}`: warm {:.2} s \
-                 against {:.2} s, {}; cold {:.2} s against {:.2} s, {}.",
+                 against {:.2} s (medians), {}; cold {:.2} s against {:.2} s, {}.",
                 warm[f].label,
                 warm[peer].label,
                 warm[f].median,
@@ -636,6 +639,7 @@ fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Sample;
     use super::*;
 
     #[test]
@@ -661,6 +665,56 @@ mod tests {
         assert_eq!(
             flushes_of(nbd, Path::new("/f/dest.raw")),
             "sync_file_range (start write-back) ×1, sync_file_range (write, wait) ×1"
+        );
+    }
+
+    #[test]
+    fn verdict_pairs_each_comparison_with_its_own_sparsekit_command() {
+        let stats = |rounds: &[[f64; 4]]| -> Vec<Stats> {
+            (0..4)
+                .map(|i| {
+                    let samples: Vec<Sample> = rounds
+                        .iter()
+                        .map(|r| Sample {
+                            secs: r[i],
+                            max_rss_kib: 0,
+                        })
+                        .collect();
+                    Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
+                })
+                .collect()
+        };
+        let flushes: Vec<(Role, String, String)> = [
+            (Role::Sparsekit, "no"),
+            (Role::Variant, "fdatasync ×1"),
+            (Role::Peer, "no"),
+            (Role::Peer, "fsync ×1"),
+        ]
+        .iter()
+        .map(|(r, f)| (*r, String::new(), f.to_string()))
+        .collect();
+        // Rounds of sparsekit, its --flush variant, then two peers. c3 has
+        // the smaller median time but, round by round, c2 is the closer.
+        let warm = stats(&[
+            [0.5, 2.0, 0.55, 0.9],
+            [1.0, 2.0, 1.1, 1.0],
+            [3.0, 2.0, 3.3, 4.0],
+        ]);
+        let cold = stats(&[
+            [2.0, 2.0, 3.0, 8.0],
+            [2.0, 2.0, 3.0, 8.0],
+            [2.0, 4.0, 3.0, 8.0],
+        ]);
+        let mut md = String::new();
+        verdict(&mut md, "W9", &warm, &cold, &flushes);
+        assert_eq!(
+            md,
+            "\n**W9 verdict**: warm, sparsekit 1.00 s against the best peer, c2, 1.10 s \
+             (medians): 1.10× (1.10–1.10), sparsekit faster; cold, sparsekit 2.00 s against \
+             the best peer, c2, 3.00 s (medians): 1.50× (1.50–1.50), sparsekit faster.\n\
+             With the destination flushed on both sides: `c1` against `c3`: warm 2.00 s \
+             against 1.00 s (medians), 0.50× (0.45–2.00), sparsekit slower; cold 2.00 s \
+             against 8.00 s, 4.00× (2.00–4.00), sparsekit faster.\n\n"
         );
     }
 

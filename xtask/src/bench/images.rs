@@ -11,27 +11,20 @@ use std::process::Command;
 use anyhow::ensure;
 use sparsekit_testkit as testkit;
 
-use super::{Stats, contender, fresh_dest, note, race, race_with, same_map, table};
+use super::{
+    Ratio, Stats, contender, find, fresh_dest, note, race, race_with, ratio, same_map, table,
+};
 use crate::{display, root, sh};
 
-fn ratio(stats: &[Stats], label: &str) -> f64 {
-    stats
-        .iter()
-        .find(|s| s.label == label)
-        .map_or(f64::NAN, |s| s.median)
-        / stats[0].median
-}
-
-/// The best peer: the fastest contender whose label does not start with
-/// "sparsekit".
-fn best_peer(stats: &[Stats]) -> (&str, f64) {
+/// The best peer: of the contenders whose label does not start with
+/// "sparsekit", the one with the smallest paired ratio to the race's first.
+fn best_peer(stats: &[Stats]) -> (&str, Ratio) {
     stats
         .iter()
         .filter(|s| !s.label.starts_with("sparsekit"))
-        .min_by(|a, b| a.median.total_cmp(&b.median))
-        .map_or(("none", f64::NAN), |s| {
-            (s.label.as_str(), s.median / stats[0].median)
-        })
+        .map(|s| (s.label.as_str(), Ratio::of(s, &stats[0])))
+        .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
+        .expect("every race has a peer")
 }
 
 fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
@@ -109,11 +102,13 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     table(md, &stats);
     let _ = writeln!(
         md,
-        "\n`qcow2-info --bitmap` is {:.0}× faster than the XCP-ng walk (goal: 50×); \
-         `--allocated` {:.0}× faster.\n",
+        "\n`qcow2-info --bitmap` against the XCP-ng walk: {:.0} (goal: 50×); \
+         `--allocated` against the walk's `--allocated`: {:.0} (above 1: sparsekit faster).\n",
         ratio(&stats, "XCP-ng sm walk (Python port) bitmap"),
-        ratio(&stats, "XCP-ng sm walk (Python port) --allocated")
-            / ratio(&stats, "sparsekit qcow2-info --allocated"),
+        Ratio::of(
+            find(&stats, "XCP-ng sm walk (Python port) --allocated"),
+            find(&stats, "sparsekit qcow2-info --allocated"),
+        ),
     );
 
     note("qcow2 map: checking sparsekit against qemu-img");
@@ -146,7 +141,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     table(md, &stats);
     let _ = writeln!(
         md,
-        "\n`map --json` is {:.1}× faster than `qemu-img map` (goal: no slower).\n",
+        "\n`map --json` against `qemu-img map`: {:.1} (goal: no slower).\n",
         ratio(&stats, "qemu-img map")
     );
 
@@ -235,8 +230,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         let (cpeer, c) = best_peer(&cold);
         let _ = writeln!(
             md,
-            "\nAgainst the best peer (above 1: sparsekit faster): warm {w:.2}× ({wpeer}), \
-             cold {c:.2}× ({cpeer}).\n"
+            "\nAgainst the best peer (above 1: sparsekit faster): warm, {wpeer}: {w}; \
+             cold, {cpeer}: {c}.\n"
         );
     }
 
@@ -314,7 +309,10 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     );
     table(md, &stats);
     let (peer, r) = best_peer(&stats);
-    let _ = writeln!(md, "\nAgainst the best peer ({peer}): {r:.2}×.\n");
+    let _ = writeln!(
+        md,
+        "\nAgainst the best peer, {peer}: {r} (above 1: sparsekit faster).\n"
+    );
     let stats = race(
         &[
             contender("sparsekit map --json", &[&map, &"--json", &uri]),
@@ -334,7 +332,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     table(md, &stats);
     let _ = writeln!(
         md,
-        "\n`map --json` against `nbdinfo --map`: {:.2}×.\n",
+        "\n`map --json` against `nbdinfo --map`: {}.\n",
         ratio(&stats, "nbdinfo --map")
     );
     drop(server);
@@ -386,7 +384,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     table(md, &stats);
     let _ = writeln!(
         md,
-        "\nAgainst qemu-img from a file: {:.2}×.\n",
+        "\nAgainst qemu-img from a file: {}.\n",
         ratio(&stats, "qemu-img convert (from the file)")
     );
     for f in [

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: sparsekit and its peers timed side by side in one
-//! run, written to BENCHMARKS.md as ratios.
+//! run, written to BENCHMARKS.md as paired ratios ([`Ratio`]).
 //!
 //! - `map`: a file with 200,000 extents (here);
 //! - `copy`: the workloads of issue 4, warm and cold ([`copy`]).
@@ -153,13 +153,103 @@ struct Contender {
     argv: Vec<OsString>,
 }
 
+/// A contender's runs in one race.
 struct Stats {
     label: String,
     cmdline: String,
+    /// Wall time of each round, in round order: `secs[r]` ran in the same
+    /// round as every other contender's `secs[r]`, so they pair.
+    secs: Vec<f64>,
     median: f64,
     min: f64,
     max_rss_kib: u64,
 }
+
+impl Stats {
+    /// `samples` in round order, one a round.
+    fn new(c: &Contender, samples: &[Sample]) -> Self {
+        let secs: Vec<f64> = samples.iter().map(|s| s.secs).collect();
+        let mut sorted = secs.clone();
+        sorted.sort_by(f64::total_cmp);
+        Stats {
+            label: c.label.clone(),
+            cmdline: c
+                .argv
+                .iter()
+                .map(|a| display(Path::new(a)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median: median(&sorted),
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max_rss_kib: samples.iter().map(|x| x.max_rss_kib).max().unwrap_or(0),
+            secs,
+        }
+    }
+}
+
+/// The median of sorted values: the middle one, or the mean of the two
+/// middle ones (NaN if there are none).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// A paired ratio: in each round, a command's time divided by the
+/// reference's time in the same round; the median of those per-round
+/// ratios and their range. Pairing cancels what a round shares (this
+/// machine's speed swings 2× between runs), which a ratio of medians,
+/// each taken over different rounds, does not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ratio {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Ratio {
+    /// `times[r] / base[r]` for each round r.
+    fn paired(times: &[f64], base: &[f64]) -> Self {
+        debug_assert_eq!(times.len(), base.len(), "one time a round each");
+        let mut r: Vec<f64> = times.iter().zip(base).map(|(t, b)| t / b).collect();
+        r.sort_by(f64::total_cmp);
+        Ratio {
+            median: median(&r),
+            min: r.first().copied().unwrap_or(f64::NAN),
+            max: r.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// `s` against `base`, round by round (the same race).
+    fn of(s: &Stats, base: &Stats) -> Self {
+        Self::paired(&s.secs, &base.secs)
+    }
+}
+
+/// `1.42× (1.20–1.61)`: the median, then the range; the precision (2 by
+/// default) applies to all three.
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = f.precision().unwrap_or(2);
+        write!(
+            f,
+            "{:.p$}× ({:.p$}–{:.p$})",
+            self.median, self.min, self.max
+        )
+    }
+}
+
+/// What the ratios of every table mean, for the top of BENCHMARKS.md and
+/// of `--images-only`'s output.
+const RATIOS: &str = "The ratios are paired: in every round each command runs once, and its \
+     time in that round is divided by sparsekit's time in the same round (warm rounds with \
+     warm, cold with cold); a ratio column shows the median of these per-round ratios and, \
+     in parentheses, their range over the rounds (smallest–largest), as in `1.42× (1.20–1.61)`. \
+     Above 1 means sparsekit is faster. Times of different rounds are never divided by each \
+     other: this machine's speed swings 2× from one run to the next, and a round's slowness \
+     hits both commands of a pair alike.";
 
 fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
     Contender {
@@ -187,7 +277,8 @@ fn fresh_dest<'a>(dest: &'a Path, cold: Option<&'a Path>, what: &'a str) -> Hook
 }
 
 /// Runs every contender `runs` times, interleaved (a, b, c, a, b, c, ...)
-/// after one warm-up each, so that drift in the machine hits all alike.
+/// after one warm-up each, so that drift in the machine hits all alike and
+/// each round's times pair ([`Ratio`]).
 fn race(contenders: &[Contender], runs: usize) -> anyhow::Result<Vec<Stats>> {
     for c in contenders {
         measure(&c.argv, None)?;
@@ -270,41 +361,43 @@ fn race_with(
     Ok(contenders
         .iter()
         .zip(samples)
-        .map(|(c, mut s)| {
-            s.sort_by(|a, b| a.secs.total_cmp(&b.secs));
-            Stats {
-                label: c.label.clone(),
-                cmdline: c
-                    .argv
-                    .iter()
-                    .map(|a| display(Path::new(a)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                median: s[s.len() / 2].secs,
-                min: s[0].secs,
-                max_rss_kib: s.iter().map(|x| x.max_rss_kib).max().unwrap_or(0),
-            }
-        })
+        .map(|(c, s)| Stats::new(c, &s))
         .collect())
 }
 
+/// A race's table; the first row is sparsekit's, the one every ratio pairs
+/// with.
 fn table(md: &mut String, stats: &[Stats]) {
-    let base = stats[0].median;
+    let base = &stats[0];
     md.push_str(
-        "| command | median | min | peak RSS | time ÷ sparsekit's |\n|---|---:|---:|---:|---:|\n",
+        "| command | median | min | peak RSS | time ÷ sparsekit's (paired) |\n\
+         |---|---:|---:|---:|---:|\n",
     );
     for s in stats {
         let _ = writeln!(
             md,
-            "| {} (`{}`) | {:.3} s | {:.3} s | {:.1} MiB | {:.2}× |",
+            "| {} (`{}`) | {:.3} s | {:.3} s | {:.1} MiB | {} |",
             s.label.replace('|', "\\|"),
             s.cmdline.replace('|', "\\|"),
             s.median,
             s.min,
             s.max_rss_kib as f64 / 1024.0,
-            s.median / base
+            Ratio::of(s, base)
         );
     }
+}
+
+/// The contender `label` of a race.
+fn find<'a>(stats: &'a [Stats], label: &str) -> &'a Stats {
+    stats
+        .iter()
+        .find(|s| s.label == label)
+        .unwrap_or_else(|| panic!("{label:?} is not a contender of this race"))
+}
+
+/// The contender `label` against the race's first, sparsekit's, paired.
+fn ratio(stats: &[Stats], label: &str) -> Ratio {
+    Ratio::of(find(stats, label), &stats[0])
 }
 
 /// The first three fields of /proc/loadavg.
@@ -364,7 +457,7 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
     if images_only {
         let bin = release_build()?;
         crate::fixtures(true)?;
-        let mut md = String::new();
+        let mut md = format!("{RATIOS}\n\n");
         images::run(&mut md, &bin, runs)?;
         print!("{md}");
         return Ok(());
@@ -389,11 +482,10 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
          per command, default 5; this file: `--runs {runs}`). Every command runs once to warm \
          up, then all of a workload's commands take turns, `--runs` times, in the listed order \
          the first round and a different shuffle (seeded by the round) in each of the others, \
-         so that no command always follows the same one; the median wall \
-         time is reported, with standard output sent to /dev/null and peak RSS from wait4 \
-         (xtask's own footprint at spawn is its floor: see the `true` rows). The ratio columns \
-         are each command's median divided by sparsekit's: above 1 means sparsekit is \
-         faster.\n\n\
+         so that no command always follows the same one; the median and least wall \
+         times are reported, with standard output sent to /dev/null and peak RSS from wait4 \
+         (xtask's own footprint at spawn is its floor: see the `true` rows).\n\n\
+         {RATIOS}\n\n\
          {}\n\n\
          Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
         if emptied {
@@ -452,22 +544,12 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
         display(&f)
     );
     table(&mut md, &stats);
-    let q = stats
-        .iter()
-        .find(|s| s.label == "qemu-img map")
-        .unwrap()
-        .median
-        / stats[0].median;
-    let ff = stats
-        .iter()
-        .find(|s| s.label == "filefrag -e")
-        .unwrap()
-        .median
-        / stats[0].median;
     let _ = writeln!(
         md,
-        "\nsparsekit `map --json` is {q:.1}× faster than `qemu-img map --output=json` \
-         and {ff:.1}× faster than `filefrag -e`.\n"
+        "\nsparsekit `map --json` against `qemu-img map --output=json`: {:.1}; against \
+         `filefrag -e`: {:.1} (above 1: sparsekit faster).\n",
+        ratio(&stats, "qemu-img map"),
+        ratio(&stats, "filefrag -e"),
     );
 
     copy::run(&mut md, &bin, runs)?;
@@ -476,7 +558,8 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
         md,
         "The whole bench took {:.1} min. Load average (1, 5, 15 min) when it started: \
          {load_start}; when it ended: {}. Other work on the machine shares its cores and disk: \
-         the spread between the median and min columns shows how much.\n",
+         the spread between the median and min columns, and the range of each paired ratio, \
+         show how much.\n",
         START.get_or_init(Instant::now).elapsed().as_secs_f64() / 60.0,
         load_average()
     );
@@ -490,7 +573,79 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::round_order;
+    use super::*;
+
+    #[test]
+    fn ratios_pair_round_by_round() {
+        // The peer is 3× slower in round 0 and 3× faster in round 2: paired,
+        // that is a median of 1 and a range of 1/3 to 3. Sorting each
+        // command's times before pairing would say 1 every round.
+        let r = Ratio::paired(&[3.0, 2.0, 1.0], &[1.0, 2.0, 3.0]);
+        assert_eq!(
+            r,
+            Ratio {
+                median: 1.0,
+                min: 1.0 / 3.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(r.to_string(), "1.00× (0.33–3.00)");
+        // Twice as slow in every round of a machine that swings 2× between
+        // rounds: no spread.
+        let r = Ratio::paired(&[2.0, 4.0, 4.0, 2.0], &[1.0, 2.0, 2.0, 1.0]);
+        assert_eq!(format!("{r:.1}"), "2.0× (2.0–2.0)");
+        // An even count: the mean of the two middle ratios.
+        let r = Ratio::paired(&[1.0, 4.0, 2.0, 3.0], &[1.0; 4]);
+        assert_eq!((r.median, r.min, r.max), (2.5, 1.0, 4.0));
+        assert_eq!(format!("{r:.0}"), "2× (1–4)");
+        assert!(Ratio::paired(&[], &[]).median.is_nan());
+    }
+
+    #[test]
+    fn table_rows_show_paired_ratios_and_times() {
+        let sample = |secs, max_rss_kib| Sample { secs, max_rss_kib };
+        let stats = [
+            Stats::new(
+                &contender("sparsekit", &[&"sk"]),
+                &[sample(1.0, 1024), sample(2.0, 2048), sample(1.0, 1024)],
+            ),
+            Stats::new(
+                &contender("peer | pipe", &[&"peer"]),
+                &[sample(1.5, 1024), sample(4.0, 1024), sample(3.0, 1024)],
+            ),
+        ];
+        assert_eq!(stats[1].secs, [1.5, 4.0, 3.0], "kept in round order");
+        let mut md = String::new();
+        table(&mut md, &stats);
+        let rows: Vec<&str> = md.lines().collect();
+        assert_eq!(
+            rows[2],
+            "| sparsekit (`sk`) | 1.000 s | 1.000 s | 2.0 MiB | 1.00× (1.00–1.00) |"
+        );
+        assert_eq!(
+            rows[3],
+            "| peer \\| pipe (`peer`) | 3.000 s | 1.500 s | 1.0 MiB | 2.00× (1.50–3.00) |"
+        );
+        assert_eq!(
+            ratio(&stats, "peer | pipe").to_string(),
+            "2.00× (1.50–3.00)"
+        );
+    }
+
+    #[test]
+    fn a_race_keeps_one_time_a_round() {
+        let stats = race(
+            &[
+                contender("a", &[&"true"]),
+                contender("b", &[&"sh", &"-c", &":"]),
+            ],
+            3,
+        )
+        .unwrap();
+        assert!(stats.iter().all(|s| s.secs.len() == 3));
+        let r = Ratio::of(&stats[1], &stats[0]);
+        assert!(r.min <= r.median && r.median <= r.max);
+    }
 
     #[test]
     fn rounds_are_permutations_in_changing_orders() {
