@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use sparsekit_copy::{
     Destination, Format, Method, NoProgress, OpenOptions, Opened, Output, Plan, Request, Spec,
 };
-use sparsekit_testkit::require;
+use sparsekit_testkit::{Rng, require};
 
 /// Scratch folders: tmpfs (SEEK_DATA, no disk I/O) for most layouts, and
 /// the build's own file system (FIEMAP; ext4 on the development machine)
@@ -52,26 +52,6 @@ impl Dirs {
 }
 
 static ZEROS: [u8; 512] = [0; 512];
-
-/// splitmix64: small, seedable, good enough to spread layouts.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// One operation of a layout, applied to the file and to the model.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +107,7 @@ fn layout(rng: &mut Rng) -> Layout {
             0..=5 => Op::Write {
                 at,
                 len,
-                fill: rng.next() as u8,
+                fill: rng.next_u64() as u8,
             },
             6 => Op::Zeros { at, len },
             7 | 8 => Op::Falloc { at, len },

@@ -51,6 +51,32 @@ impl WriteLock {
     }
 }
 
+/// Creates the new destination `path` (O_EXCL: a file that appeared since
+/// inspection was not checked, and is not ours to truncate), readable too
+/// (qemu's locks are read locks), and takes its write locks before
+/// anything is written; a file that cannot be locked is removed again.
+pub(crate) fn create_locked(path: &Path) -> Result<(File, WriteLock), crate::error::Error> {
+    use crate::error::Error;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| Error::OpenDest {
+            path: path.to_owned(),
+            what: "creating",
+            source,
+        })?;
+    match WriteLock::take(&file, path) {
+        Ok(lock) => Ok((file, lock)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(Error::Locked(e))
+        }
+    }
+}
+
 impl Drop for WriteLock {
     fn drop(&mut self) {
         // Released before the descriptors close: a child forked by another

@@ -6,12 +6,11 @@
 
 use std::io::BufWriter;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::dest::{DestKind, Destination, LocalDest, WriteLock};
+use crate::dest::{DestKind, Destination, LocalDest, create_locked};
 use crate::endpoint::Opened;
 use crate::error::{DestState, Error, Failed, PlanError};
 use crate::evict::{Evict, dirty_thresholds, evict_by_default};
@@ -629,21 +628,8 @@ fn export(
             (e.file, e.lock)
         }
         None => {
-            // Readable too: qemu's locks are read locks.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|s| fail("creating", s))?;
-            match WriteLock::take(&file, &path) {
-                Ok(lock) => (file, Some(lock)),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(Failed::new(0, 0, Error::Locked(e)));
-                }
-            }
+            let (file, lock) = create_locked(&path).map_err(|e| Failed::new(0, 0, e))?;
+            (file, Some(lock))
         }
     };
     let name = path.display().to_string();

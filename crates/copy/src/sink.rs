@@ -4,14 +4,14 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 
-use crate::dest::{DestKind, LocalDest, WriteLock};
+use crate::dest::{DestKind, LocalDest, WriteLock, create_locked};
 use crate::error::Error;
 use crate::evict::{Evict, Evictor};
 use crate::sys;
@@ -86,24 +86,8 @@ impl Sink {
         let (file, kind, created, lock) = match existing {
             Some(e) => (e.file, e.kind, false, e.lock),
             None => {
-                // O_EXCL: a file that appeared since inspection was not
-                // checked, and is not ours to truncate.
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(&path)
-                    .map_err(err("creating"))?;
-                // Locked before it is sized, as an existing DEST is before
-                // anything is written.
-                match WriteLock::take(&file, &path) {
-                    Ok(lock) => (file, DestKind::Regular, true, Some(lock)),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(Error::Locked(e));
-                    }
-                }
+                let (file, lock) = create_locked(&path)?;
+                (file, DestKind::Regular, true, Some(lock))
             }
         };
         let sized = match kind {
