@@ -92,7 +92,10 @@ fn qemu_nbd(dir: &Path, args: &[&str], file: &Path) -> Server {
     let mut all = vec!["--persistent", "-k", s(&sock)];
     all.extend_from_slice(args);
     all.push(s(file));
-    Server::start("qemu-nbd", &all, &sock)
+    let server = Server::start("qemu-nbd", &all, &sock);
+    // qemu-nbd may listen before it has taken its locks.
+    wait_for_locks(file);
+    server
 }
 
 fn image(dir: &Path, name: &str, format: &str) -> std::path::PathBuf {
