@@ -152,6 +152,24 @@ pub fn run() -> anyhow::Result<()> {
         Command::new(&map).arg(&many_out),
         4,
     )?;
+    // A usage error never costs a file: the copy is refused before DEST is
+    // opened for writing, and DEST keeps every byte.
+    let before = std::fs::read(&many_out)?;
+    let refused = Command::new(&copy)
+        .args(["--skip", "2T"])
+        .arg(&top)
+        .arg(&many_out)
+        .output()?;
+    anyhow::ensure!(!refused.status.success(), "copy --skip 2T succeeded");
+    anyhow::ensure!(std::fs::read(&many_out)? == before, "DEST changed");
+    println!(
+        "\n== a usage error is refused before DEST is touched (exit status {}; {} unchanged)\n$ copy --skip 2T {} {}\n{}",
+        refused.status.code().unwrap_or(-1),
+        display(&many_out),
+        display(&top),
+        display(&many_out),
+        String::from_utf8_lossy(&refused.stderr).trim_end()
+    );
     std::fs::remove_dir_all(&dir)?;
 
     let out = Command::new(&map).arg("/dev/null").output()?;
