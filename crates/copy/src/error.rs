@@ -69,11 +69,12 @@ pub enum OpenError {
         kind: &'static str,
     },
     /// The destination's folder does not exist or cannot hold a new file.
-    #[error("{}: cannot be created: {}", path.display(), source)]
+    #[error("{}: cannot be created", path.display())]
     DestFolder {
         /// The destination.
         path: PathBuf,
         /// Why.
+        #[source]
         source: io::Error,
     },
 }
