@@ -6,7 +6,6 @@
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use crate::dest::DestKind;
 use crate::error::{Error, Failed};
 use crate::executor::{Item, Planner, Workers, run_parallel};
 use crate::plan::{CopyStats, Method, READ_PIECE, Settings};
@@ -37,10 +36,11 @@ pub(crate) fn copy(
     let planner = Planner::new(source, range.clone(), settings.dest_offset, chunk, dirty);
     let raw = source.raw_file();
     // Zero detection pays only where leaving a write out leaves zeros behind.
-    let sparse = settings.sparse && (sink.kind() == DestKind::Regular || sink.known_zero());
+    let sparse = settings.sparse && sink.zero_detection_pays();
+    let regular = sink.regular_file();
     let use_cfr = AtomicBool::new(match settings.method {
-        Method::Auto => !sparse && raw.is_some() && sink.kind() == DestKind::Regular,
-        Method::CopyFileRange => raw.is_some(),
+        Method::Auto => !sparse && raw.is_some() && regular.is_some(),
+        Method::CopyFileRange => raw.is_some() && regular.is_some(),
         Method::ReadWrite => false,
     });
     let counts = WriteCounts::default();
@@ -56,9 +56,9 @@ pub(crate) fn copy(
         }
         data_read.fetch_add(item.len, Relaxed);
         if use_cfr.load(Relaxed)
-            && let Some(f) = raw
+            && let (Some(f), Some(dst)) = (raw, regular)
         {
-            if sink.copy_file_range(f, source.name(), item.src, item.len, item.dst)? {
+            if dst.copy_file_range(f, source.name(), item.src, item.len, item.dst)? {
                 counts.written.fetch_add(item.len, Relaxed);
                 return Ok(());
             }
@@ -106,10 +106,8 @@ pub(crate) fn copy(
         buffer: settings.chunk_size,
     };
     run_parallel(planner, workers, stop, progress, &counts.written, &work)?;
-    if settings.flush || sink.kind() == DestKind::BlockDevice {
-        sink.sync()
-            .map_err(|error| Failed::new(range.end, counts.written.load(Relaxed), error))?;
-    }
+    sink.finish(settings.flush)
+        .map_err(|error| Failed::new(range.end, counts.written.load(Relaxed), error))?;
     Ok(CopyStats {
         total: range.end - range.start,
         data_read: data_read.load(Relaxed),

@@ -9,14 +9,38 @@ use sparsekit_fiemap::lock::{self, Profile};
 
 use crate::endpoint::{FileId, Spec};
 use crate::error::OpenError;
+use crate::nbd::NbdSource;
 
-/// Regular file or block device.
+/// Regular file, block device or NBD export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DestKind {
     /// A regular file.
     Regular,
     /// A block device.
     BlockDevice,
+    /// An NBD export.
+    Nbd,
+}
+
+/// How a destination is reached, where that is not a local path's
+/// business: the NBD connections.
+#[derive(Clone, Debug)]
+pub struct DestOptions {
+    /// NBD: give up on a server that does not answer for this long
+    /// (`None`: wait forever).
+    pub timeout: Option<std::time::Duration>,
+    /// NBD: connections to write through, where the server advertises
+    /// multi-conn (one otherwise); see [`crate::plan::nbd_connections`].
+    pub connections: usize,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        Self {
+            timeout: sparsekit_nbd::ClientConfig::default().timeout,
+            connections: crate::plan::NBD_CONNECTIONS,
+        }
+    }
 }
 
 /// An existing local destination, open read-write (nothing written).
@@ -92,10 +116,19 @@ pub(crate) struct LocalDest {
     pub(crate) existing: Option<OpenedDest>,
 }
 
+/// A destination taken apart for writing.
+#[derive(Debug)]
+pub(crate) enum DestTarget {
+    Local(LocalDest),
+    Stdout,
+    Nbd(Box<NbdSource>),
+}
+
 #[derive(Debug)]
 enum Target {
     Local(LocalDest),
     Stdout,
+    Nbd(Box<NbdSource>),
 }
 
 /// A destination, inspected: its kind, size and identity, and for an
@@ -109,12 +142,19 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// Inspects `spec` with the default [`DestOptions`]: see
+    /// [`Destination::open`].
+    pub fn inspect(spec: &Spec) -> Result<Self, OpenError> {
+        Self::open(spec, &DestOptions::default())
+    }
+
     /// Inspects `spec`: standard output for `-`; for a path, an existing
     /// regular file or block device is opened read-write (a block device
     /// with O_EXCL, so that one mounted or in use is refused), anything
     /// else is refused, and for a path that does not exist its folder must
-    /// be there to hold it.
-    pub fn inspect(spec: &Spec) -> Result<Self, OpenError> {
+    /// be there to hold it; an NBD URI is connected to (its handshake says
+    /// its size and whether it can be written; nothing is written).
+    pub fn open(spec: &Spec, opts: &DestOptions) -> Result<Self, OpenError> {
         let path = match spec {
             Spec::Stdio => {
                 return Ok(Self {
@@ -122,10 +162,11 @@ impl Destination {
                     target: Target::Stdout,
                 });
             }
-            Spec::Nbd(_) => {
-                return Err(OpenError::NotApplicable {
-                    name: spec.to_string(),
-                    why: "NBD exports cannot be written to yet",
+            Spec::Nbd(uri) => {
+                let export = NbdSource::connect_for_writing(uri, opts.connections, opts.timeout)?;
+                return Ok(Self {
+                    name: uri.to_string(),
+                    target: Target::Nbd(Box::new(export)),
                 });
             }
             Spec::Path(p) => p,
@@ -162,7 +203,15 @@ impl Destination {
     pub fn path(&self) -> Option<&Path> {
         match &self.target {
             Target::Local(l) => Some(&l.path),
-            Target::Stdout => None,
+            Target::Stdout | Target::Nbd(_) => None,
+        }
+    }
+
+    /// The export of an NBD destination.
+    pub fn nbd(&self) -> Option<&NbdSource> {
+        match &self.target {
+            Target::Nbd(n) => Some(n),
+            _ => None,
         }
     }
 
@@ -171,15 +220,21 @@ impl Destination {
         matches!(self.target, Target::Stdout)
     }
 
-    /// Kind of an existing local destination (`None`: standard output, or
-    /// a file the copy will create).
+    /// Kind of an existing destination (`None`: standard output, or a
+    /// file the copy will create).
     pub fn kind(&self) -> Option<DestKind> {
-        self.existing().map(|e| e.kind)
+        match &self.target {
+            Target::Nbd(_) => Some(DestKind::Nbd),
+            _ => self.existing().map(|e| e.kind),
+        }
     }
 
-    /// Size in bytes of an existing local destination.
+    /// Size in bytes of an existing destination.
     pub fn size(&self) -> Option<u64> {
-        self.existing().map(|e| e.size)
+        match &self.target {
+            Target::Nbd(n) => Some(crate::source::Source::size(n.as_ref())),
+            _ => self.existing().map(|e| e.size),
+        }
     }
 
     /// Identity of an existing local destination.
@@ -190,7 +245,7 @@ impl Destination {
     fn existing(&self) -> Option<&OpenedDest> {
         match &self.target {
             Target::Local(l) => l.existing.as_ref(),
-            Target::Stdout => None,
+            Target::Stdout | Target::Nbd(_) => None,
         }
     }
 
@@ -212,7 +267,16 @@ impl Destination {
     pub(crate) fn into_local(self) -> Option<LocalDest> {
         match self.target {
             Target::Local(l) => Some(l),
-            Target::Stdout => None,
+            Target::Stdout | Target::Nbd(_) => None,
+        }
+    }
+
+    /// What the sink writes through.
+    pub(crate) fn into_target(self) -> DestTarget {
+        match self.target {
+            Target::Local(l) => DestTarget::Local(l),
+            Target::Stdout => DestTarget::Stdout,
+            Target::Nbd(n) => DestTarget::Nbd(n),
         }
     }
 }

@@ -135,6 +135,29 @@ pub enum PlanError {
         /// Bytes the copy writes up to (offset + length).
         needed: u64,
     },
+    /// An NBD destination that cannot be written: the server says the
+    /// export is read-only.
+    #[error("{name}: the export is read-only")]
+    ReadOnly {
+        /// The export.
+        name: String,
+    },
+    /// An NBD destination smaller than the copy.
+    #[error("{name}: the export holds {size} bytes, the copy needs {needed}")]
+    ExportTooSmall {
+        /// The export.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// Bytes the copy writes up to (offset + length).
+        needed: u64,
+    },
+    /// The destination export is the source export.
+    #[error("{name}: the destination is the source export")]
+    SameExport {
+        /// The export.
+        name: String,
+    },
     /// An update in place (`-n`, `--bitmap`) of a destination that does
     /// not exist.
     #[error("{}: {why}, and it does not exist", path.display())]
@@ -256,6 +279,20 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Writing, zeroing or flushing an NBD destination failed; the NBD
+    /// error names the export, the command and what the server said.
+    #[error("{}", nbd_what(what, *offset, *len))]
+    Nbd {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u64,
+        /// The cause (boxed: NBD errors are large, and rare).
+        #[source]
+        source: Box<sparsekit_nbd::Error>,
+    },
     /// copy_file_range failed.
     #[error("{source_name} -> {}: copy_file_range at source offset {offset:#x}", path.display())]
     Copy {
@@ -276,15 +313,23 @@ pub enum Error {
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// `verify` found a difference.
-    #[error("{}: differs from {source_name} at destination offset {offset:#x}", path.display())]
+    #[error("{dest_name}: differs from {source_name} at destination offset {offset:#x}")]
     Differs {
         /// The source.
         source_name: String,
         /// The destination.
-        path: PathBuf,
+        dest_name: String,
         /// First differing byte.
         offset: u64,
     },
+}
+
+fn nbd_what(what: &str, offset: u64, len: u64) -> String {
+    if len == 0 {
+        format!("{what} the destination")
+    } else {
+        format!("{what} {len} bytes at offset {offset:#x} of the destination")
+    }
 }
 
 /// Errors of stream import and export.

@@ -53,6 +53,7 @@ mod evict;
 mod executor;
 pub mod map;
 mod nbd;
+mod nbd_sink;
 pub mod plan;
 mod progress;
 mod qcow2;
@@ -62,7 +63,7 @@ mod stream;
 mod sys;
 mod verify;
 
-pub use dest::{DestKind, Destination};
+pub use dest::{DestKind, DestOptions, Destination};
 pub use endpoint::{
     FileId, Format, OpenOptions, Opened, Purpose, Role, Spec, StreamSource, open_local,
 };

@@ -1,4 +1,5 @@
-//! NBD exports as a [`Source`].
+//! NBD exports as a [`Source`], and the connections a destination export
+//! is written through.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -11,14 +12,18 @@ use sparsekit_nbd::{Client, ClientConfig, NbdUri, StatusPager};
 use crate::source::{ExtentStream, RangeStream, Source, SourceError};
 
 /// An NBD export: block status for the map (`base:allocation`, see
-/// [`allocation_kind`]), reads spread over a pool of connections (as many
-/// as the workers when the server advertises multi-conn, else one).
+/// [`allocation_kind`]), reads (or, for a destination, writes) spread over
+/// a pool of connections (as many as the workers when the server
+/// advertises multi-conn, else one).
 #[derive(Debug)]
 pub struct NbdSource {
     uri: String,
     size: u64,
-    status: Mutex<Client>,
-    readers: Vec<Mutex<Client>>,
+    flags: sparsekit_nbd::TransmissionFlags,
+    alignment: u64,
+    /// The first asks for block status; `clients[pool..]` read and write.
+    clients: Vec<Mutex<Client>>,
+    pool: usize,
     next: AtomicUsize,
 }
 
@@ -47,26 +52,72 @@ impl NbdSource {
                 config.contexts.push(c.clone());
             }
         }
-        let mut clients = Client::connect_multi(uri, &config, connections + 1)?;
-        let status = clients.remove(0);
+        let clients = Client::connect_multi(uri, &config, connections + 1)?;
         // No multi-conn: the one connection serves status and reads.
-        let readers = if clients.is_empty() {
-            Vec::new()
-        } else {
-            clients.into_iter().map(Mutex::new).collect()
-        };
-        Ok(Self {
-            uri: uri.to_string(),
-            size: status.size(),
-            status: Mutex::new(status),
-            readers,
-            next: AtomicUsize::new(0),
-        })
+        let pool = usize::from(clients.len() > 1);
+        Ok(Self::from_clients(uri, clients, pool))
     }
 
-    /// Connections used for reading.
+    /// Connects to `uri` as a destination: up to `connections` connections
+    /// (one where the server does not advertise multi-conn), every one of
+    /// them writing.
+    pub(crate) fn connect_for_writing(
+        uri: &NbdUri,
+        connections: usize,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Self, sparsekit_nbd::Error> {
+        let config = ClientConfig {
+            timeout,
+            ..ClientConfig::default()
+        };
+        let clients = Client::connect_multi(uri, &config, connections.max(1))?;
+        Ok(Self::from_clients(uri, clients, 0))
+    }
+
+    fn from_clients(uri: &NbdUri, clients: Vec<Client>, pool: usize) -> Self {
+        let first = &clients[0];
+        Self {
+            uri: uri.to_string(),
+            size: first.size(),
+            flags: first.flags(),
+            alignment: first.limits().alignment.max(1),
+            clients: clients.into_iter().map(Mutex::new).collect(),
+            pool,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connections used for reading (and writing).
     pub fn connections(&self) -> usize {
-        self.readers.len().max(1)
+        self.clients.len() - self.pool
+    }
+
+    /// The export's transmission flags (read-only, write zeroes, ...).
+    pub fn flags(&self) -> sparsekit_nbd::TransmissionFlags {
+        self.flags
+    }
+
+    /// What every request's offset and length must be a multiple of.
+    pub(crate) fn alignment(&self) -> u64 {
+        self.alignment
+    }
+
+    /// Runs `f` on a free connection of the pool if there is one: waiting
+    /// on a busy connection while another idles halves the throughput.
+    pub(crate) fn with_client<R>(&self, f: impl FnOnce(&mut Client) -> R) -> R {
+        let pool = &self.clients[self.pool..];
+        let n = pool.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let free = (0..n).find_map(|i| match pool[(first + i) % n].try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        });
+        let mut client = match free {
+            Some(g) => g,
+            None => lock(&pool[first]),
+        };
+        f(&mut client)
     }
 
     /// Streams the status extents of `context` over `range`, one
@@ -74,7 +125,7 @@ impl NbdSource {
     /// connection only for each round trip.
     pub fn status(&self, context: &str, range: Range<u64>) -> StatusStream<'_> {
         let end = range.end.min(self.size);
-        StatusPager::new(&self.status, context, range.start.min(end)..end)
+        StatusPager::new(&self.clients[0], context, range.start.min(end)..end)
     }
 }
 
@@ -110,25 +161,8 @@ impl Source for NbdSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
-        if self.readers.is_empty() {
-            return lock(&self.status)
-                .read(offset, buf)
-                .map_err(SourceError::from);
-        }
-        // A free connection if there is one: waiting on a busy one while
-        // another idles halves the throughput.
-        let n = self.readers.len();
-        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let free = (0..n).find_map(|i| match self.readers[(first + i) % n].try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        });
-        let mut client = match free {
-            Some(g) => g,
-            None => lock(&self.readers[first]),
-        };
-        client.read(offset, buf).map_err(SourceError::from)
+        self.with_client(|c| c.read(offset, buf))
+            .map_err(SourceError::from)
     }
 
     fn dirty(&self, bitmap: &str, range: Range<u64>) -> Result<RangeStream<'_>, SourceError> {

@@ -10,12 +10,13 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::dest::{DestKind, Destination, LocalDest, create_locked};
+use crate::dest::{DestKind, DestTarget, Destination, LocalDest, create_locked};
 use crate::endpoint::Opened;
 use crate::error::{DestState, Error, Failed, PlanError};
 use crate::evict::{Evict, dirty_thresholds, evict_by_default};
+use crate::nbd_sink::NbdSink;
 use crate::progress::Progress;
-use crate::sink::{DestMode, Sink};
+use crate::sink::{DestMode, FileSink, Sink};
 use crate::source::{RawSource, Source};
 
 /// Default bytes per data work item and per worker buffer: small enough
@@ -285,6 +286,7 @@ impl Plan {
             None => DEFAULT_CHUNK,
         };
         let evict = match req.evict {
+            _ if dest.nbd().is_some() => Evict::Never,
             Some(true) => Evict::Always,
             Some(false) => Evict::Never,
             None => {
@@ -405,13 +407,37 @@ impl Plan {
                 })
             }
             Kind::Copy | Kind::Import => {
-                let local = dest.into_local().expect("planned for a local destination");
-                let sink = Sink::open(local, dest_end, mode, dest_is_zero, evict)
-                    .map_err(|e| Failed::new(settings.range.start, 0, e))?;
+                let fail = |e| Failed::new(settings.range.start, 0, e);
+                let sink = match dest.into_target() {
+                    DestTarget::Local(local) => Sink::File(
+                        FileSink::open(local, dest_end, mode, dest_is_zero, evict).map_err(fail)?,
+                    ),
+                    DestTarget::Nbd(export) => {
+                        let sink = NbdSink::new(*export, dest_is_zero);
+                        // An incremental copy touches only its dirty ranges.
+                        if settings.bitmap.is_none() {
+                            sink.zero_fast(settings.dest_offset..dest_end)
+                                .map_err(fail)?;
+                        }
+                        Sink::Nbd(sink)
+                    }
+                    DestTarget::Stdout => unreachable!("planned for a raw destination"),
+                };
                 let r = match source {
                     Opened::Stream(s) => {
                         let s = *s;
-                        crate::stream::import(s.decoder, &s.name, &sink, &settings, progress, stop)
+                        // Clusters the stream does not hold must read as
+                        // zeros: zero everything first where it does not.
+                        if sink.known_zero() {
+                            Ok(())
+                        } else {
+                            sink.zero(0, dest_end).map_err(fail)
+                        }
+                        .and_then(|()| {
+                            crate::stream::import(
+                                s.decoder, &s.name, &sink, &settings, progress, stop,
+                            )
+                        })
                     }
                     ref other => {
                         let src = other.random_access().expect("random access");
@@ -431,7 +457,12 @@ impl Plan {
                         elapsed: t.elapsed(),
                     }),
                     Err(mut f) => {
-                        *f.dest = left_behind(sink.path(), sink.created(), mode, keep_partial);
+                        *f.dest = match &sink {
+                            Sink::File(file) => {
+                                left_behind(file.path(), file.created(), mode, keep_partial)
+                            }
+                            Sink::Nbd(n) => DestState::PartlyUpdated(n.name().to_owned()),
+                        };
                         Err(f)
                     }
                 }
@@ -460,6 +491,11 @@ fn kind(source: &Opened, dest: &Destination, req: &Request) -> Result<Kind, Plan
             {
                 return Err(PlanError::NotApplicable(
                     "--bitmap, --offset, --skip, --length, -n and --verify do not apply to -O qcow2",
+                ));
+            }
+            if dest.nbd().is_some() {
+                return Err(PlanError::NotApplicable(
+                    "-O qcow2 writes a stream to a file or standard output, not into an NBD export",
                 ));
             }
             Ok(Kind::Export { cluster_bits })
@@ -501,6 +537,9 @@ fn check_dest(
     req: &Request,
     dest_end: u64,
 ) -> Result<(), PlanError> {
+    if let Some(export) = dest.nbd() {
+        return check_export(source, dest.name(), export, dest_end);
+    }
     let Some(path) = dest.path() else {
         return Ok(());
     };
@@ -542,6 +581,30 @@ fn check_dest(
     Ok(())
 }
 
+/// An NBD destination's checks: writable, large enough, not the source.
+fn check_export(
+    source: &Opened,
+    name: &str,
+    export: &crate::nbd::NbdSource,
+    dest_end: u64,
+) -> Result<(), PlanError> {
+    if export.flags().read_only() {
+        return Err(PlanError::ReadOnly { name: name.into() });
+    }
+    let size = Source::size(export);
+    if size < dest_end {
+        return Err(PlanError::ExportTooSmall {
+            name: name.into(),
+            size,
+            needed: dest_end,
+        });
+    }
+    if matches!(source, Opened::Nbd(_)) && source.name() == name {
+        return Err(PlanError::SameExport { name: name.into() });
+    }
+    Ok(())
+}
+
 /// Compares the destination just written with the source.
 fn verify_sink(
     source: &dyn Source,
@@ -551,16 +614,23 @@ fn verify_sink(
     stop: &AtomicBool,
 ) -> Result<(), Failed> {
     let fail = |error| Failed::new(settings.range.start, 0, error);
-    let file = sink.file().try_clone().map_err(|source| {
+    let file = match sink {
+        Sink::File(f) => f,
+        Sink::Nbd(n) => {
+            return crate::verify::verify(source, n.export(), settings, progress, stop);
+        }
+    };
+    let path = file.path();
+    let file = file.file().try_clone().map_err(|source| {
         fail(Error::OpenDest {
-            path: sink.path().to_owned(),
+            path: path.to_owned(),
             what: "opening for verification",
             source,
         })
     })?;
-    let mapper = sparsekit_fiemap::Mapper::from_file(file, sink.path()).map_err(|e| {
+    let mapper = sparsekit_fiemap::Mapper::from_file(file, path).map_err(|e| {
         fail(Error::OpenDest {
-            path: sink.path().to_owned(),
+            path: path.to_owned(),
             what: "opening for verification",
             source: std::io::Error::other(e),
         })

@@ -1,5 +1,5 @@
-//! What a copy writes to: a regular file or a block device, opened only by
-//! executing a [`crate::Plan`].
+//! What a copy writes to: a regular file, a block device or an NBD export,
+//! opened only by executing a [`crate::Plan`].
 
 use std::fs::File;
 use std::io;
@@ -14,6 +14,7 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use crate::dest::{DestKind, LocalDest, WriteLock, create_locked};
 use crate::error::Error;
 use crate::evict::{Evict, Evictor};
+use crate::nbd_sink::NbdSink;
 use crate::sys;
 
 /// Largest single write: longer ones go out in pieces of this size, so
@@ -46,121 +47,56 @@ pub enum DestMode {
 
 /// An open destination.
 #[derive(Debug)]
-pub(crate) struct Sink {
-    file: File,
-    path: PathBuf,
-    kind: DestKind,
-    /// Everything the copy does not write already reads as zeros: a file
-    /// just created or truncated, or a device the caller says is zeroed.
-    known_zero: bool,
-    /// The copy created the file (it did not exist before).
-    created: bool,
-    /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
-    /// it cannot, then as written zeros.
-    zeroing_unsupported: AtomicBool,
-    evictor: Evictor,
-    /// qemu's write locks, held while the sink is open.
-    _lock: Option<WriteLock>,
+pub(crate) enum Sink {
+    /// A regular file or block device.
+    File(FileSink),
+    /// An NBD export.
+    Nbd(NbdSink),
 }
 
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-
 impl Sink {
-    /// Opens the inspected destination `dest` for a copy that writes bytes
-    /// `[0, end)` of it: an existing file or device is used through the
-    /// descriptor inspection opened; a new file is created (and must still
-    /// not exist). `dest_is_zero` says a block device (or an existing file
-    /// in [`DestMode::Update`]) already reads as zeros.
-    pub(crate) fn open(
-        dest: LocalDest,
-        end: u64,
-        mode: DestMode,
-        dest_is_zero: bool,
-        evict: Evict,
-    ) -> Result<Self, Error> {
-        let LocalDest { path, existing } = dest;
-        let err = |what: &'static str| {
-            let path = path.clone();
-            move |source: io::Error| Error::OpenDest { path, what, source }
-        };
-        let (file, kind, created, lock) = match existing {
-            Some(e) => (e.file, e.kind, false, e.lock),
-            None => {
-                let (file, lock) = create_locked(&path)?;
-                (file, DestKind::Regular, true, Some(lock))
-            }
-        };
-        let sized = match kind {
-            DestKind::BlockDevice => Ok(dest_is_zero),
-            DestKind::Regular => size_file(&file, end, mode)
-                .map(|()| mode == DestMode::Replace || created || dest_is_zero),
-        };
-        let known_zero = match sized {
-            Ok(z) => z,
-            Err((what, source)) => {
-                if created {
-                    // Best effort: the sizing error is what matters.
-                    let _ = std::fs::remove_file(&path);
-                }
-                return Err(err(what)(source));
-            }
-        };
-        let evict = if kind == DestKind::Regular {
-            evict
-        } else {
-            Evict::Never
-        };
-        Ok(Self {
-            file,
-            path,
-            kind,
-            known_zero,
-            created,
-            zeroing_unsupported: false.into(),
-            evictor: Evictor::new(evict),
-            _lock: lock,
-        })
-    }
-
-    /// The path, for messages.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Regular file or block device.
-    pub(crate) fn kind(&self) -> DestKind {
-        self.kind
-    }
-
     /// Whether ranges the copy does not write already read as zeros.
     pub(crate) fn known_zero(&self) -> bool {
-        self.known_zero
-    }
-
-    /// Whether the copy created the file.
-    pub(crate) fn created(&self) -> bool {
-        self.created
-    }
-
-    /// The open file.
-    pub(crate) fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// Writes all of `buf` at `offset`, in [`WRITE_PIECE`]s.
-    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
-        for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
-            let at = offset + (i * WRITE_PIECE) as u64;
-            self.evictor
-                .timed(piece.len() as u64, || self.file.write_all_at(piece, at))
-                .map_err(|source| Error::Write {
-                    path: self.path.clone(),
-                    offset: at,
-                    len: piece.len() as u64,
-                    source,
-                })?;
+        match self {
+            Sink::File(f) => f.known_zero,
+            Sink::Nbd(n) => n.known_zero(),
         }
-        Ok(())
+    }
+
+    /// Whether finding all-zero blocks in data pays: where leaving a write
+    /// out leaves zeros behind (a regular file, or a destination known to
+    /// be zero), rather than costing a zeroing call of its own.
+    pub(crate) fn zero_detection_pays(&self) -> bool {
+        match self {
+            Sink::File(f) => f.kind == DestKind::Regular || f.known_zero,
+            Sink::Nbd(n) => n.known_zero(),
+        }
+    }
+
+    /// The regular file, where the kernel could copy into it
+    /// (copy_file_range).
+    pub(crate) fn regular_file(&self) -> Option<&FileSink> {
+        match self {
+            Sink::File(f) if f.kind == DestKind::Regular => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        match self {
+            Sink::File(f) => f.write_at(buf, offset),
+            Sink::Nbd(n) => n.write_at(buf, offset),
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros (see [`FileSink::zero`]
+    /// and [`NbdSink::zero`]).
+    pub(crate) fn zero(&self, offset: u64, len: u64) -> Result<(), Error> {
+        match self {
+            Sink::File(f) => f.zero(offset, len),
+            Sink::Nbd(n) => n.zero(offset, len),
+        }
     }
 
     /// Writes the data `buf` at `dst`, then lets eviction see it. With
@@ -205,6 +141,135 @@ impl Sink {
             at = end;
         }
         self.written(dst, buf.len() as u64)
+    }
+
+    fn written(&self, offset: u64, len: u64) -> Result<(), Error> {
+        match self {
+            Sink::File(f) => f.written(offset, len),
+            Sink::Nbd(_) => Ok(()),
+        }
+    }
+
+    /// The end of a copy: flushed to stable storage where asked
+    /// (`flush`), and always for a block device (whose cache the kernel
+    /// would otherwise write back at close) and an NBD export (whose
+    /// server may hold writes in memory).
+    pub(crate) fn finish(&self, flush: bool) -> Result<(), Error> {
+        match self {
+            Sink::File(f) if flush || f.kind == DestKind::BlockDevice => f.sync(),
+            Sink::File(_) => Ok(()),
+            Sink::Nbd(n) => n.flush(),
+        }
+    }
+}
+
+/// An open regular file or block device.
+#[derive(Debug)]
+pub(crate) struct FileSink {
+    file: File,
+    path: PathBuf,
+    kind: DestKind,
+    /// Everything the copy does not write already reads as zeros: a file
+    /// just created or truncated, or a device the caller says is zeroed.
+    known_zero: bool,
+    /// The copy created the file (it did not exist before).
+    created: bool,
+    /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
+    /// it cannot, then as written zeros.
+    zeroing_unsupported: AtomicBool,
+    evictor: Evictor,
+    /// qemu's write locks, held while the sink is open.
+    _lock: Option<WriteLock>,
+}
+
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+impl FileSink {
+    /// Opens the inspected destination `dest` for a copy that writes bytes
+    /// `[0, end)` of it: an existing file or device is used through the
+    /// descriptor inspection opened; a new file is created (and must still
+    /// not exist). `dest_is_zero` says a block device (or an existing file
+    /// in [`DestMode::Update`]) already reads as zeros.
+    pub(crate) fn open(
+        dest: LocalDest,
+        end: u64,
+        mode: DestMode,
+        dest_is_zero: bool,
+        evict: Evict,
+    ) -> Result<Self, Error> {
+        let LocalDest { path, existing } = dest;
+        let err = |what: &'static str| {
+            let path = path.clone();
+            move |source: io::Error| Error::OpenDest { path, what, source }
+        };
+        let (file, kind, created, lock) = match existing {
+            Some(e) => (e.file, e.kind, false, e.lock),
+            None => {
+                let (file, lock) = create_locked(&path)?;
+                (file, DestKind::Regular, true, Some(lock))
+            }
+        };
+        let sized = match kind {
+            DestKind::BlockDevice | DestKind::Nbd => Ok(dest_is_zero),
+            DestKind::Regular => size_file(&file, end, mode)
+                .map(|()| mode == DestMode::Replace || created || dest_is_zero),
+        };
+        let known_zero = match sized {
+            Ok(z) => z,
+            Err((what, source)) => {
+                if created {
+                    // Best effort: the sizing error is what matters.
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(err(what)(source));
+            }
+        };
+        let evict = if kind == DestKind::Regular {
+            evict
+        } else {
+            Evict::Never
+        };
+        Ok(Self {
+            file,
+            path,
+            kind,
+            known_zero,
+            created,
+            zeroing_unsupported: false.into(),
+            evictor: Evictor::new(evict),
+            _lock: lock,
+        })
+    }
+
+    /// The path, for messages.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the copy created the file.
+    pub(crate) fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The open file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes all of `buf` at `offset`, in [`WRITE_PIECE`]s.
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
+            let at = offset + (i * WRITE_PIECE) as u64;
+            self.evictor
+                .timed(piece.len() as u64, || self.file.write_all_at(piece, at))
+                .map_err(|source| Error::Write {
+                    path: self.path.clone(),
+                    offset: at,
+                    len: piece.len() as u64,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// `len` bytes at `offset` were written: with eviction on, starts the
@@ -260,7 +325,7 @@ impl Sink {
                     len as i64,
                 )
                 .map(|()| true),
-                DestKind::BlockDevice => self.blkzeroout(offset, len)?,
+                DestKind::BlockDevice | DestKind::Nbd => self.blkzeroout(offset, len)?,
             };
             match r {
                 Ok(true) => return Ok(()),
@@ -419,7 +484,7 @@ mod tests {
     #[test]
     fn a_new_file_is_created_sized_and_known_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = Sink::open(
+        let sink = FileSink::open(
             new_file(dir.path(), "d"),
             1 << 20,
             DestMode::Replace,
@@ -427,7 +492,7 @@ mod tests {
             Evict::Never,
         )
         .unwrap();
-        assert!(sink.created() && sink.known_zero());
+        assert!(sink.created() && sink.known_zero);
         assert_eq!(sink.file().metadata().unwrap().len(), 1 << 20);
     }
 
@@ -436,7 +501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = new_file(dir.path(), "d");
         std::fs::write(&dest.path, b"someone else's").unwrap();
-        let e = Sink::open(dest, 4096, DestMode::Replace, false, Evict::Never).unwrap_err();
+        let e = FileSink::open(dest, 4096, DestMode::Replace, false, Evict::Never).unwrap_err();
         assert!(
             matches!(&e, Error::OpenDest { what: "creating", source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
             "{e:?}"
@@ -450,7 +515,7 @@ mod tests {
     #[test]
     fn sparse_writes_leave_zero_blocks_out() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = Sink::open(
+        let sink = FileSink::open(
             new_file(dir.path(), "d"),
             64 << 10,
             DestMode::Replace,
@@ -460,6 +525,7 @@ mod tests {
         .unwrap();
         let mut buf = vec![0u8; 16 << 10];
         buf[5000] = 1;
+        let sink = Sink::File(sink);
         let counts = WriteCounts::default();
         // At destination offset 2048: blocks [0,4k) [4k,8k) ... of the
         // destination, so the data block is [4k, 8k).

@@ -12,7 +12,6 @@ use std::sync::mpsc;
 use sparsekit_extent::{ExtentIterExt, Kind};
 use sparsekit_qcow2::{GuestOffset, StreamDecoder, StreamLayout, StreamWriter};
 
-use crate::dest::DestKind;
 use crate::error::{Error, Failed, StreamError};
 use crate::plan::{CopyStats, ExportStats, Settings};
 use crate::progress::Progress;
@@ -60,7 +59,7 @@ pub(crate) fn import<R: Read>(
         }
         abort.store(true, Relaxed);
     };
-    let sparse = settings.sparse && (sink.kind() == DestKind::Regular || sink.known_zero());
+    let sparse = settings.sparse && sink.zero_detection_pays();
     let jobs = settings.jobs.max(1);
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(jobs * 2);
     let rx = Mutex::new(rx);
@@ -110,10 +109,8 @@ pub(crate) fn import<R: Read>(
         // to guest order; what is certain is the bytes written.
         return Err(failed(at.min(size), counts.written.load(Relaxed), error));
     }
-    if settings.flush || sink.kind() == DestKind::BlockDevice {
-        sink.sync()
-            .map_err(|e| failed(size, counts.written.load(Relaxed), e))?;
-    }
+    sink.finish(settings.flush)
+        .map_err(|e| failed(size, counts.written.load(Relaxed), e))?;
     Ok(CopyStats {
         total: size,
         data_read: read.load(Relaxed),

@@ -8,7 +8,7 @@ use crate::error::{Error, Failed};
 use crate::executor::{Item, Planner, Workers, run_parallel};
 use crate::plan::Settings;
 use crate::progress::Progress;
-use crate::source::{RawSource, Source};
+use crate::source::Source;
 
 /// Compares `dest` with `source` over what a copy with `settings` wrote:
 /// data ranges byte for byte; zero and hole ranges must read as zeros
@@ -16,7 +16,7 @@ use crate::source::{RawSource, Source};
 /// first difference with [`Error::Differs`].
 pub fn verify(
     source: &dyn Source,
-    dest: &RawSource,
+    dest: &dyn Source,
     settings: &Settings,
     progress: &dyn Progress,
     stop: &AtomicBool,
@@ -28,7 +28,7 @@ pub fn verify(
     let none = AtomicU64::new(0);
     let differs = |offset| Error::Differs {
         source_name: source.name().into(),
-        path: dest.mapper().path().to_owned(),
+        dest_name: dest.name().into(),
         offset,
     };
     let work = |item: &Item, buf: &mut [u8]| -> Result<(), Error> {

@@ -8,7 +8,9 @@ use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
 use sparsekit_copy::plan::nbd_connections;
-use sparsekit_copy::{Destination, Opened, Output, Plan, Purpose, Request, Spec, stop_on_signals};
+use sparsekit_copy::{
+    DestOptions, Destination, Opened, Output, Plan, Purpose, Request, Spec, stop_on_signals,
+};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -24,8 +26,10 @@ struct Args {
     /// nbd+unix:///EXPORT?socket=PATH), or `-`: a forward-only qcow2 stream
     /// on standard input.
     source: String,
-    /// A regular file (created or truncated) or a block device; `-` with
-    /// `-O qcow2`: standard output.
+    /// A regular file (created or truncated), a block device, an NBD URI
+    /// (the export is written in place: it must be writable and large
+    /// enough; the rest of it is left alone), or `-` with `-O qcow2`:
+    /// standard output.
     dest: String,
     /// The source's format, instead of detecting it.
     #[arg(short = 'f', long, value_enum)]
@@ -73,7 +77,8 @@ struct Args {
     /// kernel.
     #[arg(long, overrides_with = "evict")]
     no_evict: bool,
-    /// Flush DEST to stable storage at the end (always done for devices).
+    /// Flush DEST to stable storage at the end (always done for devices
+    /// and NBD exports).
     #[arg(long)]
     flush: bool,
     /// Keep a DEST this copy created when the copy fails (by default it is
@@ -114,7 +119,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     open.contexts
         .extend(args.bitmap.iter().map(|b| format!("qemu:dirty-bitmap:{b}")));
     let source = Opened::open(&Spec::parse(&args.source)?, &open)?;
-    let dest = Destination::inspect(&Spec::parse(&args.dest)?)?;
+    let dest_options = DestOptions {
+        timeout: open.timeout,
+        connections: nbd_connections(args.jobs),
+    };
+    let dest = Destination::open(&Spec::parse(&args.dest)?, &dest_options)?;
     let plan = Plan::new(source, dest, &request(&args))?;
     let (from, to) = (
         plan.source().name().to_owned(),
