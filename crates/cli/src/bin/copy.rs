@@ -15,8 +15,9 @@ use sparsekit_copy::{
 /// Copy a disk image's data, and only its data, in parallel.
 ///
 /// DEST is created or truncated to the size of SOURCE, holes left where
-/// SOURCE has no data; a block device is written in place (zero ranges
-/// with BLKZEROOUT) and must be large enough. Nothing is created,
+/// SOURCE has no data; a block device (zero ranges with BLKZEROOUT) or an
+/// NBD export (NBD_CMD_WRITE_ZEROES) is written in place and must be large
+/// enough. Nothing is created,
 /// truncated or written before SOURCE, the options and DEST are checked.
 #[derive(Debug, clap::Parser)]
 #[command(name = "copy", version)]
