@@ -43,6 +43,9 @@ pub(crate) fn copy(
         Method::CopyFileRange => raw.is_some() && regular.is_some(),
         Method::ReadWrite => false,
     });
+    // Pieces pay where a write is a copy into the page cache; an NBD
+    // write of a whole item goes out as several requests in flight.
+    let pieces = matches!(sink, Sink::File(_));
     let counts = WriteCounts::default();
     let data_read = AtomicU64::new(0);
     let unallocated = AtomicU64::new(0);
@@ -76,7 +79,7 @@ pub(crate) fn copy(
         if done > 0 {
             write(&buf[..done], 0)?;
         }
-        if let Some(f) = raw.filter(|_| nowait.load(Relaxed)) {
+        if let Some(f) = raw.filter(|_| pieces && nowait.load(Relaxed)) {
             while done < buf.len() {
                 let end = (done + READ_PIECE).min(buf.len());
                 let piece = &mut buf[done..end];
