@@ -89,6 +89,7 @@ pub mod handshake;
 pub mod map;
 pub mod reply;
 pub mod status;
+pub mod tls;
 pub mod transmission;
 pub mod types;
 pub mod uri;
@@ -96,12 +97,13 @@ pub mod wire;
 
 pub use client::{BlockStatusIter, Client, ClientConfig};
 pub use error::{Error, HandshakeError, ProtocolError, ReplyError, RequestError};
-pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
+pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated, TlsMode};
 pub use map::StatusExtent;
 pub use sparsekit_extent::{Extent, Kind};
 pub use status::{StatusPager, StatusRoundTrip};
 pub use transmission::{Completion, Limits, Op, Reply, Transmission, Want, ZeroFlags};
-pub use uri::{NbdUri, Transport, UriError};
+pub use tls::{TlsConfigError, TlsSetup};
+pub use uri::{NbdUri, TlsParams, Transport, UriError};
 pub use wire::{
     Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,
     ReplyHeader, Request, TransmissionFlags,
