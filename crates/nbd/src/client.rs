@@ -401,7 +401,10 @@ impl Client {
                 continue;
             }
             let n = hs.wanted();
-            assert!(n > 0, "the handshake machine stops asking for bytes only when done");
+            assert!(
+                n > 0,
+                "the handshake machine stops asking for bytes only when done"
+            );
             buf.resize(n, 0);
             if let Err(e) = stream.read_exact(&mut buf) {
                 let e = io_error(&shown, "reading the handshake".into(), e, timeout);
@@ -1140,7 +1143,8 @@ mod tests {
             ..ClientConfig::default()
         };
         let hs = Client::handshake_config("", &config);
-        let mut c = Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, None).unwrap();
+        let mut c =
+            Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, None).unwrap();
         assert_eq!(c.mode(), HeaderMode::Structured);
         assert_eq!(c.contexts()[0].id, ContextId(5));
         let mut buf = vec![0xffu8; 8192];

@@ -209,9 +209,17 @@ pub struct Negotiated {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Greeting,
-    ReplyHeader { opt: Opt },
-    ReplyPayload { opt: Opt, reply: RepType, len: u32 },
-    ExportNameReply { len: usize },
+    ReplyHeader {
+        opt: Opt,
+    },
+    ReplyPayload {
+        opt: Opt,
+        reply: RepType,
+        len: u32,
+    },
+    ExportNameReply {
+        len: usize,
+    },
     /// `NBD_OPT_STARTTLS` acknowledged: the driver runs the TLS handshake.
     StartTls,
     Done,
@@ -1014,9 +1022,7 @@ mod tests {
             assert!(matches!(e, HandshakeError::TlsUnsupported { .. }), "{e:?}");
             let m = e.to_string();
             assert!(
-                m.contains("does not support TLS")
-                    && m.contains(name)
-                    && m.contains("no TLS here"),
+                m.contains("does not support TLS") && m.contains(name) && m.contains("no TLS here"),
                 "{m}"
             );
         }

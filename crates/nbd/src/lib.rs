@@ -101,8 +101,8 @@ pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiat
 pub use map::StatusExtent;
 pub use sparsekit_extent::{Extent, Kind};
 pub use status::{StatusPager, StatusRoundTrip};
-pub use transmission::{Completion, Limits, Op, Reply, Transmission, Want, ZeroFlags};
 pub use tls::{TlsConfigError, TlsSetup};
+pub use transmission::{Completion, Limits, Op, Reply, Transmission, Want, ZeroFlags};
 pub use uri::{NbdUri, TlsParams, Transport, UriError};
 pub use wire::{
     Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,

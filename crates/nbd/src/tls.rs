@@ -160,10 +160,7 @@ pub enum TlsConfigError {
 /// `$HOME/.config/pki/libnbd` (libnbd's `lib/crypto.c`).
 pub fn default_dirs(euid: u32, home: Option<&Path>) -> Vec<PathBuf> {
     match home {
-        Some(home) if euid != 0 => vec![
-            home.join(".pki/libnbd"),
-            home.join(".config/pki/libnbd"),
-        ],
+        Some(home) if euid != 0 => vec![home.join(".pki/libnbd"), home.join(".config/pki/libnbd")],
         Some(_) => vec![PathBuf::from("/etc/pki/libnbd")],
         // libnbd: no $HOME, no per-user folder; root's only for root.
         None if euid == 0 => vec![PathBuf::from("/etc/pki/libnbd")],
@@ -329,21 +326,17 @@ impl TlsSetup {
                 roots.add_parsable_certificates(certs);
             } else {
                 for (index, c) in certs.into_iter().enumerate() {
-                    roots
-                        .add(c)
-                        .map_err(|source| TlsConfigError::BadCa {
-                            path: ca.into(),
-                            index,
-                            source,
-                        })?;
+                    roots.add(c).map_err(|source| TlsConfigError::BadCa {
+                        path: ca.into(),
+                        index,
+                        source,
+                    })?;
                 }
             }
-            let webpki = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(rustls_error)?;
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(rustls_error)?;
             if check_name {
                 webpki
             } else {
@@ -536,11 +529,7 @@ mod tests {
 
     #[test]
     fn plain_uris_need_no_setup() {
-        assert!(
-            TlsSetup::for_uri(&uri("nbd://h/"), None)
-                .unwrap()
-                .is_none()
-        );
+        assert!(TlsSetup::for_uri(&uri("nbd://h/"), None).unwrap().is_none());
     }
 
     #[test]
@@ -569,22 +558,37 @@ mod tests {
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join(CA_CERT);
-        let u = uri(&format!("nbds://h/?tls-certificates={}", dir.path().display()));
+        let u = uri(&format!(
+            "nbds://h/?tls-certificates={}",
+            dir.path().display()
+        ));
 
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n!!!!\n").unwrap();
         let e = TlsSetup::build(&u, None, &[]).unwrap_err();
-        assert!(matches!(&e, TlsConfigError::Pem { path, .. } if *path == ca), "{e:?}");
+        assert!(
+            matches!(&e, TlsConfigError::Pem { path, .. } if *path == ca),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("ca-cert.pem: invalid PEM"), "{e}");
 
         std::fs::write(&ca, "no PEM here\n").unwrap();
         let e = TlsSetup::build(&u, None, &[]).unwrap_err();
-        assert!(matches!(&e, TlsConfigError::NoCertificate { path } if *path == ca), "{e:?}");
+        assert!(
+            matches!(&e, TlsConfigError::NoCertificate { path } if *path == ca),
+            "{e:?}"
+        );
 
         // A certificate that is not DER of a certificate.
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-            .unwrap();
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let e = TlsSetup::build(&u, None, &[]).unwrap_err();
-        assert!(matches!(&e, TlsConfigError::BadCa { index: 0, .. }), "{e:?}");
+        assert!(
+            matches!(&e, TlsConfigError::BadCa { index: 0, .. }),
+            "{e:?}"
+        );
 
         // Half a client identity.
         let u0 = uri(&format!(
@@ -593,7 +597,10 @@ mod tests {
         ));
         std::fs::write(dir.path().join(CLIENT_CERT), "x").unwrap();
         let e = TlsSetup::build(&u0, None, &[]).unwrap_err();
-        assert!(matches!(e, TlsConfigError::HalfClientIdentity { .. }), "{e:?}");
+        assert!(
+            matches!(e, TlsConfigError::HalfClientIdentity { .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("client-key.pem does not"), "{e}");
     }
 
@@ -631,8 +638,8 @@ mod tests {
         assert!(matches!(e, TlsConfigError::BadServerName { .. }), "{e:?}");
         let s = TlsSetup::build(&uri("nbds://127.0.0.1/?tls-verify-peer=0"), None, &[]).unwrap();
         assert!(matches!(s.server_name, ServerName::IpAddress(_)));
-        let s = TlsSetup::build(&uri("nbds+unix:///?socket=/s&tls-verify-peer=0"), None, &[])
-            .unwrap();
+        let s =
+            TlsSetup::build(&uri("nbds+unix:///?socket=/s&tls-verify-peer=0"), None, &[]).unwrap();
         assert_eq!(s.server_name, ServerName::try_from("localhost").unwrap());
     }
 }

@@ -68,7 +68,10 @@ pub struct TlsParams {
 
 impl TlsParams {
     fn any_parameter(&self) -> bool {
-        self.x509 || self.hostname.is_some() || self.verify_peer.is_some() || self.certificates.is_some()
+        self.x509
+            || self.hostname.is_some()
+            || self.verify_peer.is_some()
+            || self.certificates.is_some()
     }
 }
 
@@ -96,9 +99,7 @@ pub struct NbdUri {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
     /// No `scheme://`, or a scheme that is not NBD's.
-    #[error(
-        "{uri:?}: not an NBD URI (expected nbd://, nbds://, nbd+unix:// or nbds+unix://)"
-    )]
+    #[error("{uri:?}: not an NBD URI (expected nbd://, nbds://, nbd+unix:// or nbds+unix://)")]
     NotNbd {
         /// The input.
         uri: String,
@@ -692,7 +693,13 @@ mod tests {
     #[test]
     fn tls_schemes_and_parameters() {
         let u = NbdUri::parse("nbds://h:99/e").unwrap();
-        assert_eq!(u.transport, Transport::Tcp { host: "h".into(), port: 99 });
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "h".into(),
+                port: 99
+            }
+        );
         assert_eq!(u.tls.mode, TlsMode::Require);
         let u = NbdUri::parse("NBDS+UNIX:///e?socket=/s").unwrap();
         assert_eq!(u.tls.mode, TlsMode::Require);
@@ -759,7 +766,10 @@ mod tests {
             UriError::BadParameterValue { .. }
         ));
         assert!(matches!(e("nbds:///x"), UriError::MissingHost { .. }));
-        assert!(matches!(e("nbds+unix:///x"), UriError::MissingSocket { .. }));
+        assert!(matches!(
+            e("nbds+unix:///x"),
+            UriError::MissingSocket { .. }
+        ));
         assert!(matches!(e("nbdx://h/"), UriError::NotNbd { .. }));
     }
 }
