@@ -328,7 +328,7 @@ impl Client {
     ) -> Result<Option<TlsSetup>, Error> {
         TlsSetup::for_uri(uri, config.tls_certificates.as_deref()).map_err(|source| Error::Tls {
             uri: shown.into(),
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -382,12 +382,32 @@ impl Client {
             Err(source) => return fail(&mut stream, Error::Handshake { uri: shown, source }),
         };
         let mut buf = Vec::new();
+        // Until the first reply after the upgrade: a server that refuses
+        // the client's certificate (checked after the client's side of a
+        // TLS 1.3 handshake is over) closes the connection then, without
+        // an alert (qemu-nbd), and the bare "closed" would not say why.
+        let mut just_upgraded = false;
+        let failed = |e: io::Error, what: &str, just_upgraded: bool| match io_error(
+            &shown,
+            what.into(),
+            e,
+            timeout,
+        ) {
+            Error::Closed { uri, during } if just_upgraded => Error::Closed {
+                uri,
+                during: format!(
+                    "{during}, just after the TLS handshake (a server that refuses \
+                         the client's certificate closes the connection there)"
+                ),
+            },
+            e => e,
+        };
         let neg = loop {
             let out = hs.take_output();
             if !out.is_empty()
                 && let Err(e) = send(&mut stream, &out)
             {
-                let e = io_error(&shown, "sending handshake options".into(), e, timeout);
+                let e = failed(e, "sending handshake options", just_upgraded);
                 return fail(&mut stream, e);
             }
             if hs.starting_tls() {
@@ -398,6 +418,7 @@ impl Client {
                     Err(e) => return Err(tls_error(&shown, e, timeout)),
                 };
                 hs.tls_started().expect("a TLS upgrade was pending");
+                just_upgraded = true;
                 continue;
             }
             let n = hs.wanted();
@@ -407,9 +428,10 @@ impl Client {
             );
             buf.resize(n, 0);
             if let Err(e) = stream.read_exact(&mut buf) {
-                let e = io_error(&shown, "reading the handshake".into(), e, timeout);
+                let e = failed(e, "reading the handshake", just_upgraded);
                 return fail(&mut stream, e);
             }
+            just_upgraded = false;
             match hs.feed(&buf) {
                 Ok(Some(neg)) => break neg,
                 Ok(None) => {}

@@ -493,9 +493,10 @@ pub enum Error {
     Tls {
         /// URI of the connection.
         uri: String,
-        /// Cause, naming the file or value.
+        /// Cause, naming the file or value (boxed: rustls's errors are
+        /// large, and every `Result` of the client carries this type).
         #[source]
-        source: crate::tls::TlsConfigError,
+        source: Box<crate::tls::TlsConfigError>,
     },
     /// The TLS handshake after `NBD_OPT_STARTTLS` failed. The cause is the
     /// socket's error, or one of kind `InvalidData` wrapping the
