@@ -1242,6 +1242,45 @@ mod tests {
         assert_eq!(seen.last(), Some(&2), "options seen: {seen:?}");
     }
 
+    /// A server that acknowledges NBD_OPT_STARTTLS and then says nothing:
+    /// the socket's timeout bounds the TLS handshake too.
+    #[test]
+    fn a_silent_tls_handshake_times_out() {
+        let (a, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+            let mut flags_and_option = [0u8; 4 + 16];
+            s.read_exact(&mut flags_and_option).unwrap();
+            assert_eq!(&flags_and_option[12..16], &[0, 0, 0, 5], "NBD_OPT_STARTTLS");
+            let mut ack = 0x0003_e889_0455_65a9_u64.to_be_bytes().to_vec(); // reply magic
+            ack.extend(5u32.to_be_bytes()); // NBD_OPT_STARTTLS
+            ack.extend(1u32.to_be_bytes()); // NBD_REP_ACK
+            ack.extend(0u32.to_be_bytes()); // no payload
+            s.write_all(&ack).unwrap();
+            // The client's ClientHello, never answered.
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).unwrap();
+            assert_eq!(hello[0], 22, "a TLS handshake record");
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let config = ClientConfig {
+            timeout: Some(Duration::from_millis(300)),
+            ..ClientConfig::default()
+        };
+        let uri: NbdUri = "nbds+unix:///?socket=/x&tls-verify-peer=0".parse().unwrap();
+        let tls = TlsSetup::for_uri(&uri, None).unwrap().unwrap();
+        let mut hs = Client::handshake_config("", &config);
+        hs.tls = TlsMode::Require;
+        let e = Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, Some(&tls))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Timeout { during, .. } if during == "the TLS handshake"),
+            "{e:?}"
+        );
+        server.join().unwrap();
+    }
+
     #[test]
     fn io_errors_are_classified() {
         let t = Some(Duration::from_secs(1));

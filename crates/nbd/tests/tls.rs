@@ -9,7 +9,7 @@ use std::time::Duration;
 use sparsekit_nbd::{
     Client, ClientConfig, Error, HandshakeError, Kind, NbdUri, TlsConfigError, ZeroFlags,
 };
-use sparsekit_testkit::{Server, make_certs, run};
+use sparsekit_testkit::{Server, make_certs, make_certs_named, run};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -244,14 +244,16 @@ fn tls_verify_peer_0_accepts_a_wrong_ca() {
 #[test]
 fn tls_hostname_is_the_name_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = make_certs(&dir.path().join("certs"));
+    // A server certificate for another name than localhost and 127.0.0.1.
+    let certs = make_certs_named(&dir.path().join("certs"), "DNS:nbd.example");
     let tcp = nbdkit_tls(dir.path(), &certs, false);
     let unix = nbdkit_tls(dir.path(), &certs, true);
-    // The certificate names localhost and 127.0.0.1.
-    connect(&format!("{}&tls-hostname=localhost", tcp.tls_uri(&certs)));
-    connect(&format!("{}&tls-hostname=localhost", unix.tls_uri(&certs)));
     for server in [&tcp, &unix] {
-        let uri = format!("{}&tls-hostname=other.example", server.tls_uri(&certs));
+        connect(&format!(
+            "{}&tls-hostname=nbd.example",
+            server.tls_uri(&certs)
+        ));
+        let uri = format!("{}&tls-hostname=localhost", server.tls_uri(&certs));
         let e = try_connect(&uri, &config()).unwrap_err();
         assert!(
             matches!(
@@ -265,13 +267,16 @@ fn tls_hostname_is_the_name_checked() {
             chain(&e)
         );
         assert!(
-            chain(&e).contains("tls-hostname=other.example"),
+            chain(&e).contains("tls-hostname=localhost"),
             "{}",
             chain(&e)
         );
     }
-    // A Unix socket has no host name: the chain is checked, not the name
-    // (the CA must still be right: see a_wrong_ca_fails_the_tls_handshake).
+    // Without tls-hostname, TCP checks the URI's host...
+    let e = try_connect(&tcp.tls_uri(&certs), &config()).unwrap_err();
+    assert!(e.rustls().is_some(), "{}", chain(&e));
+    // ...and a Unix socket, which has none, the chain only (the CA must
+    // still be right: see a_wrong_ca_fails_the_tls_handshake).
     assert!(connect(&unix.tls_uri(&certs)).is_tls());
 }
 

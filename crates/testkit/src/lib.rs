@@ -396,7 +396,7 @@ impl Drop for Server {
 }
 
 /// The openssl configuration of [`make_certs`]: a CA, a server certificate
-/// for localhost and 127.0.0.1, a client certificate. Key usages as qemu's
+/// for `{names}`, a client certificate. Key usages as qemu's
 /// own sanity check of its credentials wants them (crypto/tlscredsx509.c).
 const OPENSSL_CNF: &str = "\
 [req]
@@ -412,7 +412,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical,CA:FALSE
 keyUsage = digitalSignature,keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost,IP:127.0.0.1
+subjectAltName = {names}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 [client]
@@ -431,9 +431,15 @@ authorityKeyIdentifier = keyid
 /// the CA's key is kept beside them as `ca-key.pem`. ECDSA P-256 keys,
 /// fast to make. Returns `dir`.
 pub fn make_certs(dir: &Path) -> PathBuf {
+    make_certs_named(dir, "DNS:localhost,IP:127.0.0.1")
+}
+
+/// [`make_certs`] with a server certificate for `names`, an openssl
+/// `subjectAltName` list such as `DNS:nbd.example,IP:10.0.0.1`.
+pub fn make_certs_named(dir: &Path, names: &str) -> PathBuf {
     fs::create_dir_all(dir).unwrap();
     let cnf = dir.join("openssl.cnf");
-    fs::write(&cnf, OPENSSL_CNF).unwrap();
+    fs::write(&cnf, OPENSSL_CNF.replace("{names}", names)).unwrap();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     let cnf = p("openssl.cnf");
     // A name of its own: a client given another test's CA must find no
