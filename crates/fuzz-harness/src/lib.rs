@@ -38,8 +38,8 @@ use std::sync::OnceLock;
 pub mod seeds;
 
 use sparsekit_nbd::{
-    Completion, Handshake, HandshakeConfig, HeaderMode, Negotiated, Op, Reply, Transmission, Want,
-    ZeroFlags,
+    Completion, Handshake, HandshakeConfig, HeaderMode, Negotiated, Op, Reply, TlsMode,
+    Transmission, Want, ZeroFlags,
 };
 use sparsekit_qcow2::{
     GuestOffset, Header, HostCluster, Image, L1Entry, L2Mapping, MAX_CHUNK_BYTES, OpenOptions,
@@ -504,6 +504,9 @@ fn nbd_config(opts: u8) -> HandshakeConfig {
         structured_replies: opts & 1 != 0,
         extended_headers: opts & 2 != 0,
         list_contexts: opts & 4 != 0,
+        // The fuzzer's bytes stand for a server in clear: with TLS the
+        // bytes after STARTTLS would be TLS records, not NBD.
+        tls: TlsMode::Off,
     }
 }
 

@@ -1,8 +1,10 @@
-//! A blocking NBD client over TCP or a Unix socket: the only module that
-//! touches a socket.
+//! A blocking NBD client over TCP or a Unix socket, in clear or TLS: the
+//! only module that touches a socket.
 //!
 //! [`Client::connect`] opens the socket and drives the sans-IO
-//! [`Handshake`]; after it, [`Client`] is a thin driver of the sans-IO
+//! [`Handshake`], upgrading the socket to TLS (rustls) when the server
+//! acknowledges `NBD_OPT_STARTTLS` (see [`crate::tls`] for certificates);
+//! after it, [`Client`] is a thin driver of the sans-IO
 //! [`Transmission`]: it writes the request bytes the machine produces and
 //! reads exactly what the machine wants, with every socket operation
 //! bounded by the configured timeout.
@@ -18,15 +20,19 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use rustls::{ClientConnection, StreamOwned};
 
 use sparsekit_extent::{Extent, ExtentIterExt};
 
 use crate::error::{Error, HandshakeError, RequestError};
-use crate::handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
+use crate::handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated, TlsMode};
 use crate::map::{BASE_ALLOCATION, StatusExtent};
 use crate::reply::ServerError;
 use crate::status::{StatusPager, clip};
+use crate::tls::TlsSetup;
 use crate::transmission::{Completion, Op, Reply, StepError, Transmission, ZeroFlags};
 use crate::types::{ContextId, Errno, HeaderMode};
 use crate::uri::{NbdUri, Transport};
@@ -61,6 +67,13 @@ pub struct ClientConfig {
     /// Rounded up to the server's preferred block size and capped by its
     /// maximum payload and 32 MiB.
     pub read_request: u32,
+    /// The TLS certificates folder (`ca-cert.pem`, `client-cert.pem`,
+    /// `client-key.pem`) for URIs without `tls-certificates=DIR`: a
+    /// program's `--tls-certificates DIR`. The URI's own parameter wins;
+    /// this wins over libnbd's default folders and the system's CAs (see
+    /// [`crate::tls`]). It turns no TLS on: the URI says whether TLS is
+    /// used. Default `None`.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -73,17 +86,24 @@ impl Default for ClientConfig {
             timeout: Some(Duration::from_secs(30)),
             max_in_flight: 16,
             read_request: DEFAULT_READ_REQUEST,
+            tls_certificates: None,
         }
     }
 }
 
+/// A connection's byte stream. The TLS variants are boxed: a rustls
+/// connection is large, and a `Client` is moved around.
 #[derive(Debug)]
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    TlsTcp(Box<StreamOwned<ClientConnection, TcpStream>>),
+    TlsUnix(Box<StreamOwned<ClientConnection, UnixStream>>),
 }
 
 impl Stream {
+    /// Timeouts live on the socket, under TLS as well: rustls reads and
+    /// writes through it.
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
@@ -94,14 +114,42 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            Stream::TlsTcp(s) => {
+                s.sock.set_read_timeout(t)?;
+                s.sock.set_write_timeout(t)
+            }
+            Stream::TlsUnix(s) => {
+                s.sock.set_read_timeout(t)?;
+                s.sock.set_write_timeout(t)
+            }
         }
     }
-    fn shutdown(&self) {
+
+    fn shutdown(&mut self) {
         // Best effort: the peer may already be gone.
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::TlsTcp(s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                s.sock.shutdown(Shutdown::Both)
+            }
+            Stream::TlsUnix(s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                s.sock.shutdown(Shutdown::Both)
+            }
         };
+    }
+
+    /// Runs the TLS handshake over this (plain) stream.
+    fn upgrade(self, tls: &TlsSetup) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::TlsTcp(Box::new(tls.handshake(s)?)),
+            Stream::Unix(s) => Stream::TlsUnix(Box::new(tls.handshake(s)?)),
+            s @ (Stream::TlsTcp(_) | Stream::TlsUnix(_)) => s,
+        })
     }
 }
 
@@ -110,6 +158,8 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::TlsTcp(s) => s.read(buf),
+            Stream::TlsUnix(s) => s.read(buf),
         }
     }
 }
@@ -119,14 +169,27 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::TlsTcp(s) => s.write(buf),
+            Stream::TlsUnix(s) => s.write(buf),
         }
     }
+    /// Under TLS, sends the records rustls still holds: its `write` keeps
+    /// what the socket did not take and reports socket errors only on the
+    /// next call.
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::TlsTcp(s) => s.flush(),
+            Stream::TlsUnix(s) => s.flush(),
         }
     }
+}
+
+/// `write_all` then `flush`: everything on the wire, TLS or not.
+fn send(stream: &mut Stream, b: &[u8]) -> io::Result<()> {
+    stream.write_all(b)?;
+    stream.flush()
 }
 
 /// A connection to one NBD export.
@@ -166,6 +229,20 @@ fn io_error(uri: &str, during: String, e: io::Error, timeout: Option<Duration>) 
         _ => Error::Io {
             uri: uri.into(),
             during,
+            source: e,
+        },
+    }
+}
+
+/// A failed TLS handshake: a timeout as any other, the rest (a refused
+/// certificate, an alert, a closed socket) as [`Error::TlsHandshake`].
+fn tls_error(uri: &str, e: io::Error, timeout: Option<Duration>) -> Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io_error(uri, "the TLS handshake".into(), e, timeout)
+        }
+        _ => Error::TlsHandshake {
+            uri: uri.into(),
             source: e,
         },
     }
@@ -234,109 +311,172 @@ impl Client {
         Self::connect_with(&NbdUri::parse(uri)?, &ClientConfig::default())
     }
 
-    /// Connects to `uri` and completes the handshake.
+    /// Connects to `uri` and completes the handshake, with TLS when the
+    /// URI asks for it.
     pub fn connect_with(uri: &NbdUri, config: &ClientConfig) -> Result<Client, Error> {
         let shown = uri.to_string();
-        let stream = open(uri, &shown, config.timeout)?;
-        Self::handshake_on(stream, shown, &uri.export, config)
+        let tls = Self::tls_setup(uri, &shown, config)?;
+        Self::connect_prepared(uri, shown, config, tls.as_ref())
     }
 
-    /// Runs the handshake on an open stream.
-    fn handshake_on(
-        stream: Stream,
-        shown: String,
-        export: &str,
+    /// The TLS configuration of `uri`, read before any socket is opened,
+    /// so that a missing certificate is reported as such.
+    fn tls_setup(
+        uri: &NbdUri,
+        shown: &str,
         config: &ClientConfig,
+    ) -> Result<Option<TlsSetup>, Error> {
+        TlsSetup::for_uri(uri, config.tls_certificates.as_deref()).map_err(|source| Error::Tls {
+            uri: shown.into(),
+            source: Box::new(source),
+        })
+    }
+
+    fn connect_prepared(
+        uri: &NbdUri,
+        shown: String,
+        config: &ClientConfig,
+        tls: Option<&TlsSetup>,
     ) -> Result<Client, Error> {
-        stream
-            .set_timeouts(config.timeout)
-            .map_err(|e| io_error(&shown, "setting socket timeouts".into(), e, config.timeout))?;
-        // Placeholders until the handshake says what was negotiated.
-        let neg = Negotiated {
-            export: export.into(),
-            size: 0,
-            flags: TransmissionFlags::default(),
-            block_size: BlockSize::default(),
-            mode: HeaderMode::Simple,
-            contexts: Vec::new(),
-            available_contexts: None,
-            description: None,
-            canonical_name: None,
+        let stream = open(uri, &shown, config.timeout)?;
+        let mut hs_config = Self::handshake_config(&uri.export, config);
+        hs_config.tls = if tls.is_some() {
+            uri.tls.mode
+        } else {
+            TlsMode::Off
         };
-        let mut c = Client {
-            stream,
-            uri: shown,
-            machine: Transmission::new(&neg),
-            neg,
-            timeout: config.timeout,
-            max_in_flight: config.max_in_flight.max(1),
-            read_request: config.read_request.max(1),
-            status_within_payload: false,
-            poisoned: false,
-            // No NBD_CMD_DISC until the transmission phase is reached.
-            disconnected: true,
-        };
-        let hs_config = HandshakeConfig {
+        Self::handshake_on(stream, shown, hs_config, config, tls)
+    }
+
+    fn handshake_config(export: &str, config: &ClientConfig) -> HandshakeConfig {
+        HandshakeConfig {
             export: export.into(),
             contexts: config.contexts.clone(),
             structured_replies: config.structured_replies,
             extended_headers: config.extended_headers,
             list_contexts: config.list_contexts,
+            tls: TlsMode::Off,
+        }
+    }
+
+    /// Runs the handshake on an open stream, upgrading it to TLS with
+    /// `tls` when the machine says so.
+    fn handshake_on(
+        mut stream: Stream,
+        shown: String,
+        hs_config: HandshakeConfig,
+        config: &ClientConfig,
+        tls: Option<&TlsSetup>,
+    ) -> Result<Client, Error> {
+        let timeout = config.timeout;
+        let fail = |stream: &mut Stream, e: Error| {
+            stream.shutdown();
+            Err(e)
         };
-        let mut hs = Handshake::new(hs_config).map_err(|source| Error::Handshake {
-            uri: c.uri.clone(),
-            source,
-        })?;
+        if let Err(e) = stream.set_timeouts(timeout) {
+            let e = io_error(&shown, "setting socket timeouts".into(), e, timeout);
+            return fail(&mut stream, e);
+        }
+        let mut hs = match Handshake::new(hs_config) {
+            Ok(hs) => hs,
+            Err(source) => return fail(&mut stream, Error::Handshake { uri: shown, source }),
+        };
         let mut buf = Vec::new();
-        loop {
+        // Until the first reply after the upgrade: a server that refuses
+        // the client's certificate (checked after the client's side of a
+        // TLS 1.3 handshake is over) closes the connection then, without
+        // an alert (qemu-nbd), and the bare "closed" would not say why.
+        let mut just_upgraded = false;
+        let failed = |e: io::Error, what: &str, just_upgraded: bool| match io_error(
+            &shown,
+            what.into(),
+            e,
+            timeout,
+        ) {
+            Error::Closed { uri, during } if just_upgraded => Error::Closed {
+                uri,
+                during: format!(
+                    "{during}, just after the TLS handshake (a server that refuses \
+                         the client's certificate closes the connection there)"
+                ),
+            },
+            e => e,
+        };
+        let neg = loop {
             let out = hs.take_output();
-            if !out.is_empty() {
-                c.write_all(&out, "sending handshake options")?;
+            if !out.is_empty()
+                && let Err(e) = send(&mut stream, &out)
+            {
+                let e = failed(e, "sending handshake options", just_upgraded);
+                return fail(&mut stream, e);
+            }
+            if hs.starting_tls() {
+                let setup = tls.expect("TLS is asked of the handshake only with a setup");
+                stream = match stream.upgrade(setup) {
+                    Ok(s) => s,
+                    // The socket is gone with the failed upgrade.
+                    Err(e) => return Err(tls_error(&shown, e, timeout)),
+                };
+                hs.tls_started().expect("a TLS upgrade was pending");
+                just_upgraded = true;
+                continue;
             }
             let n = hs.wanted();
-            if n == 0 {
-                break;
-            }
+            assert!(
+                n > 0,
+                "the handshake machine stops asking for bytes only when done"
+            );
             buf.resize(n, 0);
-            c.read_exact(&mut buf, "reading the handshake")?;
+            if let Err(e) = stream.read_exact(&mut buf) {
+                let e = failed(e, "reading the handshake", just_upgraded);
+                return fail(&mut stream, e);
+            }
+            just_upgraded = false;
             match hs.feed(&buf) {
-                Ok(Some(neg)) => {
-                    let out = hs.take_output();
-                    if !out.is_empty() {
-                        c.write_all(&out, "sending handshake options")?;
-                    }
-                    c.machine = Transmission::new(&neg);
-                    c.neg = neg;
-                    c.disconnected = false;
-                    return Ok(c);
-                }
+                Ok(Some(neg)) => break neg,
                 Ok(None) => {}
                 Err(source) => {
                     // A refusal leaves both sides at an option boundary:
                     // say goodbye (best effort; the error is what matters).
                     if !matches!(source, HandshakeError::Protocol(_)) {
-                        let _ = c.stream.write_all(&Handshake::abort_request());
+                        let _ = send(&mut stream, &Handshake::abort_request());
                     }
-                    c.poisoned = true;
-                    return Err(Error::Handshake {
-                        uri: c.uri.clone(),
-                        source,
-                    });
+                    return fail(&mut stream, Error::Handshake { uri: shown, source });
                 }
             }
+        };
+        let out = hs.take_output();
+        if !out.is_empty()
+            && let Err(e) = send(&mut stream, &out)
+        {
+            let e = io_error(&shown, "sending handshake options".into(), e, timeout);
+            return fail(&mut stream, e);
         }
-        unreachable!("the handshake machine stops asking for bytes only when done")
+        Ok(Client {
+            stream,
+            uri: shown,
+            machine: Transmission::new(&neg),
+            neg,
+            timeout,
+            max_in_flight: config.max_in_flight.max(1),
+            read_request: config.read_request.max(1),
+            status_within_payload: false,
+            poisoned: false,
+            disconnected: false,
+        })
     }
 
     /// Opens up to `n` connections to `uri`. More than one only when the
     /// server advertises `NBD_FLAG_CAN_MULTI_CONN`, as the spec asks; check
-    /// the length of the result.
+    /// the length of the result. Certificates are read once for all.
     pub fn connect_multi(
         uri: &NbdUri,
         config: &ClientConfig,
         n: usize,
     ) -> Result<Vec<Client>, Error> {
-        let first = Self::connect_with(uri, config)?;
+        let shown = uri.to_string();
+        let tls = Self::tls_setup(uri, &shown, config)?;
+        let first = Self::connect_prepared(uri, shown.clone(), config, tls.as_ref())?;
         let extra = if first.flags().can_multi_conn() {
             n.saturating_sub(1)
         } else {
@@ -344,7 +484,12 @@ impl Client {
         };
         let mut all = vec![first];
         for _ in 0..extra {
-            all.push(Self::connect_with(uri, config)?);
+            all.push(Self::connect_prepared(
+                uri,
+                shown.clone(),
+                config,
+                tls.as_ref(),
+            )?);
         }
         Ok(all)
     }
@@ -382,16 +527,13 @@ impl Client {
     pub fn contexts(&self) -> &[MetaContext] {
         &self.neg.contexts
     }
-
-    fn write_all(&mut self, b: &[u8], during: &str) -> Result<(), Error> {
-        self.stream.write_all(b).map_err(|e| {
-            self.poisoned = true;
-            io_error(&self.uri, during.into(), e, self.timeout)
-        })
+    /// True when the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::TlsTcp(_) | Stream::TlsUnix(_))
     }
 
-    fn read_exact(&mut self, b: &mut [u8], during: &str) -> Result<(), Error> {
-        self.stream.read_exact(b).map_err(|e| {
+    fn write_all(&mut self, b: &[u8], during: &str) -> Result<(), Error> {
+        send(&mut self.stream, b).map_err(|e| {
             self.poisoned = true;
             io_error(&self.uri, during.into(), e, self.timeout)
         })
@@ -462,7 +604,7 @@ impl Client {
         if self.machine.output().is_empty() {
             return Ok(());
         }
-        let r = self.stream.write_all(self.machine.output());
+        let r = send(&mut self.stream, self.machine.output());
         self.machine.clear_output();
         r.map_err(|e| {
             self.poisoned = true;
@@ -1022,7 +1164,9 @@ mod tests {
             timeout: Some(Duration::from_secs(10)),
             ..ClientConfig::default()
         };
-        let mut c = Client::handshake_on(Stream::Unix(a), "test".into(), "", &config).unwrap();
+        let hs = Client::handshake_config("", &config);
+        let mut c =
+            Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, None).unwrap();
         assert_eq!(c.mode(), HeaderMode::Structured);
         assert_eq!(c.contexts()[0].id, ContextId(5));
         let mut buf = vec![0xffu8; 8192];
@@ -1081,7 +1225,9 @@ mod tests {
             timeout: Some(Duration::from_secs(10)),
             ..ClientConfig::default()
         };
-        let e = Client::handshake_on(Stream::Unix(a), "test".into(), "nope", &config).unwrap_err();
+        let hs = Client::handshake_config("nope", &config);
+        let e =
+            Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, None).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -1094,6 +1240,45 @@ mod tests {
         );
         let seen = server.join().unwrap();
         assert_eq!(seen.last(), Some(&2), "options seen: {seen:?}");
+    }
+
+    /// A server that acknowledges NBD_OPT_STARTTLS and then says nothing:
+    /// the socket's timeout bounds the TLS handshake too.
+    #[test]
+    fn a_silent_tls_handshake_times_out() {
+        let (a, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            s.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
+            let mut flags_and_option = [0u8; 4 + 16];
+            s.read_exact(&mut flags_and_option).unwrap();
+            assert_eq!(&flags_and_option[12..16], &[0, 0, 0, 5], "NBD_OPT_STARTTLS");
+            let mut ack = 0x0003_e889_0455_65a9_u64.to_be_bytes().to_vec(); // reply magic
+            ack.extend(5u32.to_be_bytes()); // NBD_OPT_STARTTLS
+            ack.extend(1u32.to_be_bytes()); // NBD_REP_ACK
+            ack.extend(0u32.to_be_bytes()); // no payload
+            s.write_all(&ack).unwrap();
+            // The client's ClientHello, never answered.
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).unwrap();
+            assert_eq!(hello[0], 22, "a TLS handshake record");
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let config = ClientConfig {
+            timeout: Some(Duration::from_millis(300)),
+            ..ClientConfig::default()
+        };
+        let uri: NbdUri = "nbds+unix:///?socket=/x&tls-verify-peer=0".parse().unwrap();
+        let tls = TlsSetup::for_uri(&uri, None).unwrap().unwrap();
+        let mut hs = Client::handshake_config("", &config);
+        hs.tls = TlsMode::Require;
+        let e = Client::handshake_on(Stream::Unix(a), "test".into(), hs, &config, Some(&tls))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Timeout { during, .. } if during == "the TLS handshake"),
+            "{e:?}"
+        );
+        server.join().unwrap();
     }
 
     #[test]

@@ -391,9 +391,11 @@ pub enum HandshakeError {
         /// Server's message, possibly empty.
         message: String,
     },
-    /// `NBD_REP_ERR_TLS_REQD`.
+    /// `NBD_REP_ERR_TLS_REQD`: the server wants TLS, which the URI did not
+    /// ask for.
     #[error(
-        "server requires TLS for {option}, and TLS is not supported yet{}",
+        "the server requires TLS (it refused {option} with NBD_REP_ERR_TLS_REQD{}): \
+         use an nbds:// or nbds+unix:// URI",
         suffix(message)
     )]
     TlsRequired {
@@ -401,6 +403,14 @@ pub enum HandshakeError {
         option: Opt,
         /// Server's message, possibly empty.
         message: String,
+    },
+    /// TLS is required (`nbds://`, `nbds+unix://`) but the server can not
+    /// do it: it refused `NBD_OPT_STARTTLS` (`NBD_REP_ERR_UNSUP`,
+    /// `NBD_REP_ERR_POLICY`) or does not speak fixed newstyle.
+    #[error("the server does not support TLS, which the URI requires: {reason}")]
+    TlsUnsupported {
+        /// Why we know, e.g. `it refused NBD_OPT_STARTTLS with NBD_REP_ERR_POLICY`.
+        reason: String,
     },
     /// The server does not support an option we can not do without.
     #[error("server does not support {option} ({reply}){}", suffix(message))]
@@ -434,6 +444,13 @@ pub enum HandshakeError {
         /// Which string.
         what: &'static str,
     },
+    /// [`crate::Handshake::feed`] was called while the machine waits for
+    /// the driver's TLS handshake.
+    #[error("handshake fed while a TLS upgrade is pending: call Handshake::tls_started first")]
+    TlsPending,
+    /// [`crate::Handshake::tls_started`] was called with no upgrade pending.
+    #[error("Handshake::tls_started called, but the server has not acknowledged NBD_OPT_STARTTLS")]
+    NotStartingTls,
     /// [`crate::Handshake::feed`] got a different number of bytes than it asked for.
     #[error("handshake fed {found} bytes, expected {expected}")]
     WrongFeed {
@@ -444,7 +461,7 @@ pub enum HandshakeError {
     },
 }
 
-fn suffix(message: &str) -> String {
+pub(crate) fn suffix(message: &str) -> String {
     if message.is_empty() {
         String::new()
     } else {
@@ -466,6 +483,29 @@ pub enum Error {
         uri: String,
         /// Address or socket path.
         target: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS configuration could not be built (a certificate file
+    /// missing or invalid, no CA, a bad host name): nothing was sent.
+    #[error("{uri}: TLS setup")]
+    Tls {
+        /// URI of the connection.
+        uri: String,
+        /// Cause, naming the file or value (boxed: rustls's errors are
+        /// large, and every `Result` of the client carries this type).
+        #[source]
+        source: Box<crate::tls::TlsConfigError>,
+    },
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed. The cause is the
+    /// socket's error, or one of kind `InvalidData` wrapping the
+    /// [`rustls::Error`] (see [`Error::rustls`]), e.g. `invalid peer
+    /// certificate: UnknownIssuer`.
+    #[error("{uri}: TLS handshake failed")]
+    TlsHandshake {
+        /// URI of the connection.
+        uri: String,
         /// Cause.
         #[source]
         source: io::Error,
@@ -591,4 +631,15 @@ pub enum Error {
         /// URI of the connection.
         uri: String,
     },
+}
+
+impl Error {
+    /// The rustls error behind a failed TLS handshake, if that is what
+    /// this is.
+    pub fn rustls(&self) -> Option<&rustls::Error> {
+        match self {
+            Error::TlsHandshake { source, .. } => source.get_ref()?.downcast_ref(),
+            _ => None,
+        }
+    }
 }

@@ -7,6 +7,12 @@
 //!    [`Handshake::feed`];
 //! 3. repeat until `feed` returns `Ok(Some(negotiated))`.
 //!
+//! With TLS asked for ([`TlsMode`]), `NBD_OPT_STARTTLS` goes first; on
+//! `NBD_REP_ACK` the machine stops in [`Handshake::starting_tls`]: the
+//! driver runs the TLS handshake on its socket, calls
+//! [`Handshake::tls_started`], and the loop goes on over the encrypted
+//! stream (spec: "TLS support", "FORCEDTLS mode").
+//!
 //! The options sent, one at a time as the spec requires: optionally
 //! `NBD_OPT_EXTENDED_HEADERS` (falling back to `NBD_OPT_STRUCTURED_REPLY`
 //! when refused), optionally `NBD_OPT_LIST_META_CONTEXT`,
@@ -37,6 +43,27 @@ pub const MAX_CONTEXTS: usize = 4096;
 /// Default maximum payload when the server advertises none (2^25).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
+/// Whether the client negotiates TLS with `NBD_OPT_STARTTLS`.
+///
+/// The NBD URI specification: `nbds://` and `nbds+unix://` "MUST use TLS";
+/// `nbd://` and `nbd+unix://` are "unencrypted or opportunistically TLS
+/// encrypted".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No `NBD_OPT_STARTTLS`; a server that requires TLS is refused with
+    /// [`HandshakeError::TlsRequired`].
+    #[default]
+    Off,
+    /// `NBD_OPT_STARTTLS` first; if the server does not support TLS
+    /// (`NBD_REP_ERR_UNSUP`, `NBD_REP_ERR_POLICY`), go on unencrypted. Open
+    /// to a downgrade by anyone on the path (spec: "Security
+    /// considerations"): only `nbd://` URIs with TLS parameters ask for it.
+    Opportunistic,
+    /// `NBD_OPT_STARTTLS` first, and TLS or nothing:
+    /// [`HandshakeError::TlsUnsupported`] when the server can not.
+    Require,
+}
+
 /// What to ask the server for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandshakeConfig {
@@ -52,6 +79,8 @@ pub struct HandshakeConfig {
     /// Send `NBD_OPT_LIST_META_CONTEXT` with no query, to learn every
     /// context the export offers.
     pub list_contexts: bool,
+    /// Whether to upgrade to TLS first (default [`TlsMode::Off`]).
+    pub tls: TlsMode,
 }
 
 impl Default for HandshakeConfig {
@@ -64,6 +93,7 @@ impl Default for HandshakeConfig {
             structured_replies: true,
             extended_headers: true,
             list_contexts: false,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -172,14 +202,26 @@ pub struct Negotiated {
     pub description: Option<String>,
     /// `NBD_INFO_NAME` (canonical name), if sent.
     pub canonical_name: Option<String>,
+    /// The connection was upgraded to TLS with `NBD_OPT_STARTTLS`.
+    pub tls: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Greeting,
-    ReplyHeader { opt: Opt },
-    ReplyPayload { opt: Opt, reply: RepType, len: u32 },
-    ExportNameReply { len: usize },
+    ReplyHeader {
+        opt: Opt,
+    },
+    ReplyPayload {
+        opt: Opt,
+        reply: RepType,
+        len: u32,
+    },
+    ExportNameReply {
+        len: usize,
+    },
+    /// `NBD_OPT_STARTTLS` acknowledged: the driver runs the TLS handshake.
+    StartTls,
     Done,
 }
 
@@ -207,6 +249,7 @@ pub struct Handshake {
     available: Option<Vec<String>>,
     description: Option<String>,
     canonical_name: Option<String>,
+    tls: bool,
 }
 
 impl Handshake {
@@ -235,6 +278,7 @@ impl Handshake {
             available: None,
             description: None,
             canonical_name: None,
+            tls: false,
         })
     }
 
@@ -243,15 +287,35 @@ impl Handshake {
         std::mem::take(&mut self.out)
     }
 
-    /// Exactly how many bytes the next [`Handshake::feed`] needs; 0 once done.
+    /// Exactly how many bytes the next [`Handshake::feed`] needs; 0 once
+    /// done, and while [`Handshake::starting_tls`].
     pub fn wanted(&self) -> usize {
         match self.phase {
             Phase::Greeting => GREETING_LEN,
             Phase::ReplyHeader { .. } => OPTION_REPLY_HEADER_LEN,
             Phase::ReplyPayload { len, .. } => len as usize,
             Phase::ExportNameReply { len } => len,
-            Phase::Done => 0,
+            Phase::StartTls | Phase::Done => 0,
         }
+    }
+
+    /// True when the server acknowledged `NBD_OPT_STARTTLS`: the driver
+    /// must now run the TLS handshake on its socket (nothing is left to
+    /// send in clear), then call [`Handshake::tls_started`]. Every byte
+    /// after that travels encrypted.
+    pub fn starting_tls(&self) -> bool {
+        self.phase == Phase::StartTls
+    }
+
+    /// Tells the machine that the TLS session is up; option haggling goes
+    /// on with the next option, to be sent over the encrypted stream.
+    pub fn tls_started(&mut self) -> Result<(), HandshakeError> {
+        if self.phase != Phase::StartTls {
+            return Err(HandshakeError::NotStartingTls);
+        }
+        self.tls = true;
+        self.after_tls();
+        Ok(())
     }
 
     /// True once the transmission phase has been reached.
@@ -264,6 +328,10 @@ impl Handshake {
     /// send [`Handshake::take_output`] one last time (it is empty unless
     /// the server closed nothing) and start the transmission phase.
     pub fn feed(&mut self, input: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+        if self.phase == Phase::StartTls {
+            // Bytes now would be the server's TLS records, not NBD.
+            return Err(HandshakeError::TlsPending);
+        }
         let expected = self.wanted();
         if input.len() != expected {
             return Err(HandshakeError::WrongFeed {
@@ -312,7 +380,7 @@ impl Handshake {
                 self.size_flags = Some((info.size.get(), info.flags.get()));
                 self.phase = Phase::Done;
             }
-            Phase::Done => {}
+            Phase::StartTls | Phase::Done => {}
         }
         if self.phase == Phase::Done {
             return self.finish().map(Some);
@@ -331,8 +399,15 @@ impl Handshake {
             }
             .into());
         }
+        let require_tls = self.config.tls == TlsMode::Require;
         match g.newstyle.get() {
             IHAVEOPT => {}
+            // Spec: "TLS requires fixed newstyle negotiation".
+            OLDSTYLE_MAGIC if require_tls => {
+                return Err(HandshakeError::TlsUnsupported {
+                    reason: "it uses oldstyle negotiation".into(),
+                });
+            }
             OLDSTYLE_MAGIC => return Err(ProtocolError::Oldstyle.into()),
             found => {
                 return Err(ProtocolError::BadMagic {
@@ -345,6 +420,13 @@ impl Handshake {
         }
         let flags = g.flags.get();
         if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+            if require_tls {
+                return Err(HandshakeError::TlsUnsupported {
+                    reason: format!(
+                        "it does not offer fixed newstyle negotiation (handshake flags {flags:#x})"
+                    ),
+                });
+            }
             return Err(ProtocolError::NotFixedNewstyle { flags }.into());
         }
         let mut client = NBD_FLAG_C_FIXED_NEWSTYLE;
@@ -353,6 +435,17 @@ impl Handshake {
             self.no_zeroes = true;
         }
         self.out.extend_from_slice(&client.to_be_bytes());
+        if self.config.tls == TlsMode::Off {
+            self.after_tls();
+        } else {
+            // First, so that nothing else is said in clear.
+            self.send_option(Opt::STARTTLS, &[]);
+        }
+        Ok(())
+    }
+
+    /// The first option once TLS is settled (started, refused or not asked).
+    fn after_tls(&mut self) {
         if self.config.extended_headers {
             self.send_option(Opt::EXTENDED_HEADERS, &[]);
         } else if self.config.structured_replies {
@@ -360,7 +453,6 @@ impl Handshake {
         } else {
             self.after_structured();
         }
-        Ok(())
     }
 
     /// `NBD_OPT_ABORT`: what a client sends to end option haggling that
@@ -459,6 +551,31 @@ impl Handshake {
             return Err(e);
         }
         match opt {
+            Opt::STARTTLS => match reply {
+                RepType::ACK => self.phase = Phase::StartTls,
+                RepType::ERR_UNSUP | RepType::ERR_POLICY
+                    if self.config.tls == TlsMode::Opportunistic =>
+                {
+                    // A NOTLS server: on in clear, as asked.
+                    self.after_tls();
+                }
+                RepType::ERR_UNSUP | RepType::ERR_POLICY => {
+                    return Err(HandshakeError::TlsUnsupported {
+                        reason: format!(
+                            "it refused {opt} with {reply}{}",
+                            crate::error::suffix(&Self::message(payload))
+                        ),
+                    });
+                }
+                r if r.is_error() => {
+                    return Err(HandshakeError::Refused {
+                        option: opt,
+                        reply: r,
+                        message: Self::message(payload),
+                    });
+                }
+                r => return Err(unexpected(opt, r)),
+            },
             Opt::EXTENDED_HEADERS => match reply {
                 RepType::ACK => {
                     // Extended headers imply structured replies.
@@ -619,6 +736,7 @@ impl Handshake {
             available_contexts: self.available.take(),
             description: self.description.take(),
             canonical_name: self.canonical_name.take(),
+            tls: self.tls,
         })
     }
 }
@@ -691,6 +809,9 @@ mod tests {
     const INFO: u32 = 3;
     const META: u32 = 4;
     const UNSUP: u32 = (1 << 31) + 1;
+    const POLICY: u32 = (1 << 31) + 2;
+    const INVALID: u32 = (1 << 31) + 3;
+    const TLS_REQD: u32 = (1 << 31) + 5;
     const UNKNOWN: u32 = (1 << 31) + 6;
 
     #[test]
@@ -817,11 +938,131 @@ mod tests {
     fn tls_required_is_typed() {
         let mut hs = Handshake::new(HandshakeConfig::default()).unwrap();
         let mut server = greeting(3);
-        server.extend(reply(11, (1 << 31) + 5, &[]));
+        server.extend(reply(11, TLS_REQD, &[]));
+        let e = drive(&mut hs, &server).unwrap_err();
+        assert!(matches!(e, HandshakeError::TlsRequired { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("requires TLS") && m.contains("nbds:// or nbds+unix://"),
+            "{m}"
+        );
+    }
+
+    fn tls(mode: TlsMode) -> Handshake {
+        Handshake::new(HandshakeConfig {
+            contexts: vec![],
+            extended_headers: false,
+            tls: mode,
+            ..HandshakeConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// The options in `out` after the 4 bytes of client flags.
+    fn options(out: &[u8]) -> Vec<u32> {
+        let mut at = 4;
+        let mut opts = Vec::new();
+        while at < out.len() {
+            opts.push(read_be32(out, at + 8));
+            at += 16 + read_be32(out, at + 12) as usize;
+        }
+        opts
+    }
+
+    #[test]
+    fn starttls_first_then_haggling_goes_on_encrypted() {
+        let mut hs = tls(TlsMode::Require);
+        assert_eq!(drive(&mut hs, &greeting(3)).unwrap(), None);
+        let out = hs.take_output();
+        assert_eq!(options(&out), [5], "NBD_OPT_STARTTLS alone, first");
+        #[rustfmt::skip]
+        assert_eq!(&out[4..], [
+            b'I', b'H', b'A', b'V', b'E', b'O', b'P', b'T', // option magic
+            0, 0, 0, 5, // NBD_OPT_STARTTLS
+            0, 0, 0, 0, // no data
+        ]);
+        assert!(!hs.starting_tls());
+        assert_eq!(drive(&mut hs, &reply(5, ACK, &[])).unwrap(), None);
+
+        // The driver's turn: nothing to send, nothing to read in clear.
+        assert!(hs.starting_tls() && !hs.is_done());
+        assert_eq!(hs.wanted(), 0);
+        assert!(hs.take_output().is_empty());
+        assert_eq!(hs.feed(&[]), Err(HandshakeError::TlsPending));
+        hs.tls_started().unwrap();
+        assert!(!hs.starting_tls());
+        assert_eq!(hs.tls_started(), Err(HandshakeError::NotStartingTls));
+
+        // Haggling resumes where it would have started without TLS.
+        let out = hs.take_output();
+        assert_eq!(options(&[&[0; 4][..], &out].concat()), [8]);
+        let mut server = reply(8, ACK, &[]);
+        server.extend(reply(7, INFO, &info_export(4096, 1)));
+        server.extend(reply(7, ACK, &[]));
+        let n = drive(&mut hs, &server).unwrap().unwrap();
+        assert!(n.tls);
+        assert_eq!(n.mode, HeaderMode::Structured);
+    }
+
+    #[test]
+    fn tls_out_of_turn_is_named() {
+        let mut hs = tls(TlsMode::Off);
+        assert_eq!(hs.tls_started(), Err(HandshakeError::NotStartingTls));
+        drive(&mut hs, &greeting(3)).unwrap();
+        assert_eq!(options(&hs.take_output()), [8], "no STARTTLS when off");
+    }
+
+    #[test]
+    fn a_server_without_tls_is_refused_when_tls_is_required() {
+        for (refusal, name) in [(UNSUP, "NBD_REP_ERR_UNSUP"), (POLICY, "NBD_REP_ERR_POLICY")] {
+            let mut hs = tls(TlsMode::Require);
+            let mut server = greeting(3);
+            server.extend(reply(5, refusal, b"no TLS here"));
+            let e = drive(&mut hs, &server).unwrap_err();
+            assert!(matches!(e, HandshakeError::TlsUnsupported { .. }), "{e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains("does not support TLS") && m.contains(name) && m.contains("no TLS here"),
+                "{m}"
+            );
+        }
+        // Other refusals are not "no TLS".
+        let mut hs = tls(TlsMode::Require);
+        let mut server = greeting(3);
+        server.extend(reply(5, INVALID, &[]));
         assert!(matches!(
             drive(&mut hs, &server),
-            Err(HandshakeError::TlsRequired { .. })
+            Err(HandshakeError::Refused { .. })
         ));
+        // Neither are old servers, which can not negotiate TLS at all.
+        let mut hs = tls(TlsMode::Require);
+        let mut g = greeting(3);
+        g[8..16].copy_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes()); // oldstyle magic
+        let e = hs.feed(&g).unwrap_err();
+        assert!(e.to_string().contains("does not support TLS"), "{e}");
+        let mut hs = tls(TlsMode::Require);
+        let e = hs.feed(&greeting(0)).unwrap_err();
+        assert!(matches!(e, HandshakeError::TlsUnsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("fixed newstyle"), "{e}");
+    }
+
+    #[test]
+    fn opportunistic_tls_goes_on_in_clear_with_a_notls_server() {
+        let mut hs = tls(TlsMode::Opportunistic);
+        let mut server = greeting(3);
+        server.extend(reply(5, POLICY, &[]));
+        server.extend(reply(8, ACK, &[]));
+        server.extend(reply(7, INFO, &info_export(4096, 1)));
+        server.extend(reply(7, ACK, &[]));
+        let n = drive(&mut hs, &server).unwrap().unwrap();
+        assert!(!n.tls);
+        assert_eq!(options(&hs.take_output()), [5, 8, 7]);
+        // The same mode with a TLS server upgrades.
+        let mut hs = tls(TlsMode::Opportunistic);
+        let mut server = greeting(3);
+        server.extend(reply(5, ACK, &[]));
+        drive(&mut hs, &server).unwrap();
+        assert!(hs.starting_tls());
     }
 
     #[test]

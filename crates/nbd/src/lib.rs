@@ -4,10 +4,14 @@
 //! The protocol core does no I/O (like quinn-proto):
 //!
 //! - [`NbdUri`] parses `nbd://host[:port]/export` and
-//!   `nbd+unix:///export?socket=PATH` URIs ([`uri`]);
+//!   `nbd+unix:///export?socket=PATH` URIs, and their TLS forms `nbds://`
+//!   and `nbds+unix://` with libnbd's `tls-*` parameters ([`uri`],
+//!   [`TlsParams`]);
 //! - [`Handshake`] is the fixed newstyle handshake as a state machine over
-//!   bytes, negotiating structured replies or extended headers, metadata
-//!   contexts and the export with `NBD_OPT_GO` ([`handshake`]);
+//!   bytes: `NBD_OPT_STARTTLS` first when TLS is asked for ([`TlsMode`];
+//!   the machine stops in [`Handshake::starting_tls`] while the driver
+//!   upgrades its socket), then structured replies or extended headers,
+//!   metadata contexts and the export with `NBD_OPT_GO` ([`handshake`]);
 //! - [`Request`], [`ReplyHeader`] and [`Chunk`] encode requests and decode
 //!   replies over big-endian `Raw*` layouts ([`wire`]), with the protocol's
 //!   numbered codes as open enums ([`types`]); [`reply::ReadReply`],
@@ -25,7 +29,10 @@
 //!   `nbdinfo --map --json` and `qemu-img map --output=json` print.
 //!
 //! Only [`Client`] touches a socket: it connects by URI over TCP or a Unix
-//! socket, drives the two machines, reads with pipelined requests sized by
+//! socket, in clear or over TLS (rustls with the ring provider; [`tls`]
+//! reads the certificates folder as qemu and libnbd lay it out, and
+//! [`ClientConfig::tls_certificates`] gives a default folder; TLS with a
+//! pre-shared key is refused, rustls has none), drives the two machines, reads with pipelined requests sized by
 //! the server's block size constraints ([`Client::read`]), writes the same
 //! way ([`Client::write`], [`Client::write_zeroes`], [`Client::trim`],
 //! [`Client::flush`]; refused before sending on a read-only export), pages
@@ -34,14 +41,18 @@
 //!
 //! Errors are typed: [`ProtocolError`] for bytes that break the protocol
 //! ([`ReplyError`] says what was being read), [`HandshakeError`] for a
-//! failed negotiation, [`RequestError`] for a request refused before it is
-//! sent, [`Error`] for everything a client call reports (each naming the
-//! URI, and the offset where known).
+//! failed negotiation (a server without TLS for an `nbds://` URI, a server
+//! that requires TLS for an `nbd://` one), [`TlsConfigError`] for
+//! certificate files (each named), [`Error::TlsHandshake`] for a refused
+//! TLS handshake (the rustls reason in [`Error::rustls`]), [`RequestError`]
+//! for a request refused before it is sent, [`Error`] for everything a
+//! client call reports (each naming the URI, and the offset where known).
 //!
 //! ```no_run
 //! use sparsekit_nbd::{Client, Kind};
 //!
-//! let mut c = Client::connect("nbd+unix:///?socket=/run/nbd.sock")?;
+//! let mut c = Client::connect("nbds://nbd.example/disk?tls-certificates=/etc/pki/qemu")?;
+//! assert!(c.is_tls());
 //! let size = c.size();
 //! let mut buf = vec![0u8; 1 << 20];
 //! let extents: Vec<_> = c.map(0..size)?.collect::<Result<_, _>>()?;
@@ -89,6 +100,7 @@ pub mod handshake;
 pub mod map;
 pub mod reply;
 pub mod status;
+pub mod tls;
 pub mod transmission;
 pub mod types;
 pub mod uri;
@@ -96,12 +108,13 @@ pub mod wire;
 
 pub use client::{BlockStatusIter, Client, ClientConfig};
 pub use error::{Error, HandshakeError, ProtocolError, ReplyError, RequestError};
-pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated};
+pub use handshake::{BlockSize, Handshake, HandshakeConfig, MetaContext, Negotiated, TlsMode};
 pub use map::StatusExtent;
 pub use sparsekit_extent::{Extent, Kind};
 pub use status::{StatusPager, StatusRoundTrip};
+pub use tls::{TlsConfigError, TlsSetup};
 pub use transmission::{Completion, Limits, Op, Reply, Transmission, Want, ZeroFlags};
-pub use uri::{NbdUri, Transport, UriError};
+pub use uri::{NbdUri, TlsParams, Transport, UriError};
 pub use wire::{
     Chunk, ChunkHeader, ChunkType, Command, ContextId, Cookie, Descriptor, Errno, HeaderMode,
     ReplyHeader, Request, TransmissionFlags,

@@ -334,6 +334,7 @@ enum Recv {
 ///     available_contexts: None,
 ///     description: None,
 ///     canonical_name: None,
+///     tls: false,
 /// };
 /// let mut t = Transmission::new(&neg);
 /// let cookie = t.request(Op::Read { offset: 0, length: 512, dest: 0 }).unwrap();
@@ -956,6 +957,7 @@ mod tests {
             available_contexts: None,
             description: None,
             canonical_name: None,
+            tls: false,
         }
     }
 

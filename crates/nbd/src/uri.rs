@@ -1,11 +1,33 @@
-//! NBD URIs (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`),
-//! as in the NBD URI specification.
+//! NBD URIs (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`,
+//! and their TLS forms `nbds://` and `nbds+unix://`), as in the NBD URI
+//! specification, with libnbd's TLS query parameters.
+//!
+//! TLS, as the specification and libnbd read the URI:
+//!
+//! - `nbds://`, `nbds+unix://`: TLS or failure ([`TlsMode::Require`]).
+//! - `nbd://`, `nbd+unix://` with any `tls-*` parameter: TLS if the server
+//!   offers it, else unencrypted (the specification's "opportunistically
+//!   TLS encrypted", [`TlsMode::Opportunistic`]); without one, no TLS.
+//! - `tls-type=x509` (the default) is the only kind this client does:
+//!   `anon` and `psk` (and `tls-psk-file`) are refused when parsed, because
+//!   rustls, sparsekit's TLS library, has neither anonymous cipher suites
+//!   nor TLS 1.3 external pre-shared keys (rustls issue 174).
+//! - `tls-certificates=DIR`: `ca-cert.pem`, optional `client-cert.pem` and
+//!   `client-key.pem`, laid out as qemu and libnbd lay them out (see
+//!   [`crate::tls`] for the defaults without it).
+//! - `tls-hostname=NAME`: the name checked in the server's certificate,
+//!   instead of the URI's host (see [`crate::tls`] for Unix sockets).
+//! - `tls-verify-peer=0`: do not verify the server's certificate.
+//! - `userinfo@`: the PSK user name in libnbd; kept and shown, unused with
+//!   X.509 certificates.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::str::FromStr;
+
+pub use crate::handshake::TlsMode;
 
 /// The IANA port of NBD, used when a TCP URI has none.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -28,6 +50,31 @@ pub enum Transport {
     },
 }
 
+/// The TLS parameters of a URI; see the [module docs](self).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsParams {
+    /// From the scheme and the presence of `tls-*` parameters.
+    pub mode: TlsMode,
+    /// `tls-type=x509` was written (the only type accepted; also the default).
+    pub x509: bool,
+    /// `tls-hostname`: the name the server's certificate must carry.
+    pub hostname: Option<String>,
+    /// `tls-verify-peer`: `None` when absent (verify).
+    pub verify_peer: Option<bool>,
+    /// `tls-certificates`: the folder of `ca-cert.pem` and the client's
+    /// certificate and key.
+    pub certificates: Option<PathBuf>,
+}
+
+impl TlsParams {
+    fn any_parameter(&self) -> bool {
+        self.x509
+            || self.hostname.is_some()
+            || self.verify_peer.is_some()
+            || self.certificates.is_some()
+    }
+}
+
 /// A parsed NBD URI.
 ///
 /// ```
@@ -44,32 +91,52 @@ pub struct NbdUri {
     pub export: String,
     /// The `userinfo` of the authority, if any (only meaningful with TLS).
     pub user: Option<String>,
+    /// TLS: whether, and how the server is verified.
+    pub tls: TlsParams,
 }
 
 /// Why a string is not an NBD URI this client can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
     /// No `scheme://`, or a scheme that is not NBD's.
-    #[error("{uri:?}: not an NBD URI (expected nbd:// or nbd+unix://)")]
+    #[error("{uri:?}: not an NBD URI (expected nbd://, nbds://, nbd+unix:// or nbds+unix://)")]
     NotNbd {
         /// The input.
         uri: String,
     },
-    /// `nbds://` or `nbds+unix://`.
-    #[error("{uri:?}: TLS not supported yet (scheme {scheme}://)")]
-    TlsNotSupported {
+    /// TLS with a pre-shared key (`tls-psk-file`, `tls-type=psk`).
+    #[error(
+        "{uri:?}: TLS with a pre-shared key ({name}) is not supported: sparsekit's TLS \
+         library (rustls) cannot do TLS-PSK; use X.509 certificates (tls-certificates=DIR)"
+    )]
+    PskNotSupported {
         /// The input.
         uri: String,
-        /// The TLS scheme.
-        scheme: String,
+        /// The parameter that asked for it.
+        name: String,
     },
-    /// A TLS query parameter; this client never negotiates TLS.
-    #[error("{uri:?}: TLS not supported yet (query parameter {name:?})")]
-    TlsParameter {
+    /// `tls-type=anon`, or a type no one knows.
+    #[error(
+        "{uri:?}: tls-type={value:?} is not supported: sparsekit's TLS library (rustls) \
+         does X.509 certificates only (tls-type=x509)"
+    )]
+    TlsTypeNotSupported {
+        /// The input.
+        uri: String,
+        /// The type asked for.
+        value: String,
+    },
+    /// A query parameter whose value can not be used, e.g. `tls-verify-peer=2`.
+    #[error("{uri:?}: query parameter {name}={value:?}: expected {expected}")]
+    BadParameterValue {
         /// The input.
         uri: String,
         /// The parameter.
         name: String,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
     },
     /// `nbd+unix` without `socket=`.
     #[error("{uri:?}: nbd+unix:// needs a socket=PATH query parameter")]
@@ -211,15 +278,11 @@ impl NbdUri {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| UriError::NotNbd { uri: err_uri() })?;
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => {
-                return Err(UriError::TlsNotSupported {
-                    uri: err_uri(),
-                    scheme: scheme.into(),
-                });
-            }
+        let (unix, require_tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             _ => return Err(UriError::NotNbd { uri: err_uri() }),
         };
         if rest.contains('#') {
@@ -272,6 +335,8 @@ impl NbdUri {
         let export = text(uri, decode(uri, export_raw, path_base + 1)?, "export name")?;
 
         let mut socket: Option<PathBuf> = None;
+        let mut tls = TlsParams::default();
+        let mut seen: Vec<String> = Vec::new();
         if let Some(q) = query {
             let qbase = base + before_query.len() + 1;
             let mut at = qbase;
@@ -283,23 +348,70 @@ impl NbdUri {
                 }
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let name = text(uri, decode(uri, k, here)?, "query parameter name")?;
+                if seen.contains(&name) {
+                    return Err(UriError::DuplicateParameter {
+                        uri: err_uri(),
+                        name,
+                    });
+                }
+                seen.push(name.clone());
+                let value = || decode(uri, v, here + k.len() + 1);
+                let bad = |name: &str, value: &str, expected| UriError::BadParameterValue {
+                    uri: err_uri(),
+                    name: name.into(),
+                    value: value.into(),
+                    expected,
+                };
                 match name.as_str() {
                     "socket" => {
-                        if socket.is_some() {
-                            return Err(UriError::DuplicateParameter {
-                                uri: err_uri(),
-                                name,
-                            });
-                        }
-                        let bytes = decode(uri, v, here + k.len() + 1)?;
-                        socket = Some(PathBuf::from(OsString::from_vec(bytes)));
+                        socket = Some(PathBuf::from(OsString::from_vec(value()?)));
                     }
-                    "tls-type" | "tls-hostname" | "tls-verify-peer" | "tls-certificates"
-                    | "tls-psk-file" => {
-                        return Err(UriError::TlsParameter {
+                    "tls-type" => {
+                        let t = text(uri, value()?, "tls-type")?;
+                        match t.to_ascii_lowercase().as_str() {
+                            "x509" => tls.x509 = true,
+                            "psk" => {
+                                return Err(UriError::PskNotSupported {
+                                    uri: err_uri(),
+                                    name: "tls-type=psk".into(),
+                                });
+                            }
+                            _ => {
+                                return Err(UriError::TlsTypeNotSupported {
+                                    uri: err_uri(),
+                                    value: t,
+                                });
+                            }
+                        }
+                    }
+                    "tls-psk-file" => {
+                        return Err(UriError::PskNotSupported {
                             uri: err_uri(),
                             name,
                         });
+                    }
+                    "tls-hostname" => {
+                        let h = text(uri, value()?, "tls-hostname")?;
+                        if h.is_empty() {
+                            return Err(bad(&name, &h, "a host name or address"));
+                        }
+                        tls.hostname = Some(h);
+                    }
+                    "tls-verify-peer" => {
+                        let t = text(uri, value()?, "tls-verify-peer")?;
+                        // libnbd's booleans; the spec writes 0 and 1.
+                        tls.verify_peer = Some(match t.to_ascii_lowercase().as_str() {
+                            "1" | "true" | "on" | "yes" => true,
+                            "0" | "false" | "off" | "no" => false,
+                            _ => return Err(bad(&name, &t, "0 or 1")),
+                        });
+                    }
+                    "tls-certificates" => {
+                        let bytes = value()?;
+                        if bytes.is_empty() {
+                            return Err(bad(&name, "", "a folder"));
+                        }
+                        tls.certificates = Some(PathBuf::from(OsString::from_vec(bytes)));
                     }
                     _ => {
                         return Err(UriError::UnknownParameter {
@@ -331,10 +443,18 @@ impl NbdUri {
             }
             Transport::Tcp { host, port }
         };
+        tls.mode = if require_tls {
+            TlsMode::Require
+        } else if tls.any_parameter() {
+            TlsMode::Opportunistic
+        } else {
+            TlsMode::Off
+        };
         Ok(NbdUri {
             transport,
             export,
             user,
+            tls,
         })
     }
 
@@ -346,6 +466,7 @@ impl NbdUri {
             },
             export: export.into(),
             user: None,
+            tls: TlsParams::default(),
         }
     }
 
@@ -358,6 +479,7 @@ impl NbdUri {
             },
             export: export.into(),
             user: None,
+            tls: TlsParams::default(),
         }
     }
 }
@@ -382,11 +504,15 @@ fn encode(out: &mut String, bytes: &[u8], keep: &[u8]) {
 
 impl fmt::Display for NbdUri {
     /// The canonical URI; parsing it gives back an equal [`NbdUri`].
+    /// TLS parameters are kept, so that messages say how the server was
+    /// reached (the URI holds no secret: PSK files are refused).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = String::new();
+        let tls = self.tls.mode == TlsMode::Require;
+        let mut query = Vec::new();
         match &self.transport {
             Transport::Tcp { host, port } => {
-                s.push_str("nbd://");
+                s.push_str(if tls { "nbds://" } else { "nbd://" });
                 if let Some(u) = &self.user {
                     encode(&mut s, u.as_bytes(), b"");
                     s.push('@');
@@ -405,11 +531,34 @@ impl fmt::Display for NbdUri {
                 encode(&mut s, self.export.as_bytes(), b"/");
             }
             Transport::Unix { socket } => {
-                s.push_str("nbd+unix:///");
+                s.push_str(if tls { "nbds+unix://" } else { "nbd+unix://" });
+                if let Some(u) = &self.user {
+                    encode(&mut s, u.as_bytes(), b"");
+                    s.push('@');
+                }
+                s.push('/');
                 encode(&mut s, self.export.as_bytes(), b"/");
-                s.push_str("?socket=");
-                encode(&mut s, socket.as_os_str().as_bytes(), b"/");
+                query.push(("socket", socket.as_os_str().as_bytes()));
             }
+        }
+        let t = &self.tls;
+        if t.x509 {
+            query.push(("tls-type", b"x509"));
+        }
+        if let Some(h) = &t.hostname {
+            query.push(("tls-hostname", h.as_bytes()));
+        }
+        if let Some(v) = t.verify_peer {
+            query.push(("tls-verify-peer", if v { b"1" } else { b"0" }));
+        }
+        if let Some(d) = &t.certificates {
+            query.push(("tls-certificates", d.as_os_str().as_bytes()));
+        }
+        for (i, (k, v)) in query.iter().enumerate() {
+            s.push(if i == 0 { '?' } else { '&' });
+            s.push_str(k);
+            s.push('=');
+            encode(&mut s, v, b"/");
         }
         f.write_str(&s)
     }
@@ -483,15 +632,6 @@ mod tests {
     #[test]
     fn refusals() {
         let e = |s: &str| NbdUri::parse(s).unwrap_err();
-        assert!(matches!(
-            e("nbds://host/x"),
-            UriError::TlsNotSupported { .. }
-        ));
-        assert!(
-            e("nbds+unix:///x?socket=s")
-                .to_string()
-                .contains("TLS not supported yet")
-        );
         assert!(matches!(e("http://host/"), UriError::NotNbd { .. }));
         assert!(matches!(e("/dev/nbd0"), UriError::NotNbd { .. }));
         assert!(matches!(e("nbd+unix:///x"), UriError::MissingSocket { .. }));
@@ -526,8 +666,8 @@ mod tests {
             UriError::DuplicateParameter { .. }
         ));
         assert!(matches!(
-            e("nbd://h/?tls-type=x509"),
-            UriError::TlsParameter { .. }
+            e("nbd://h/?tls-hostname=a&tls-hostname=b"),
+            UriError::DuplicateParameter { .. }
         ));
         assert!(matches!(e("nbd://h/x#frag"), UriError::Fragment { .. }));
     }
@@ -539,10 +679,97 @@ mod tests {
             "nbd://[::1]:10810/my%20disk",
             "nbd+unix:///e/x?socket=/tmp/a%20b.sock",
             "nbd://u@h/",
+            "nbds://h/",
+            "nbds+unix://alice@/e?socket=/s",
+            "nbds://[::1]/e?tls-type=x509&tls-hostname=srv.example&tls-verify-peer=0&tls-certificates=/etc/my%20certs",
+            "nbd+unix:///?socket=/s&tls-certificates=/c",
         ] {
             let u = NbdUri::parse(s).unwrap();
             assert_eq!(u.to_string(), s);
             assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
         }
+    }
+
+    #[test]
+    fn tls_schemes_and_parameters() {
+        let u = NbdUri::parse("nbds://h:99/e").unwrap();
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "h".into(),
+                port: 99
+            }
+        );
+        assert_eq!(u.tls.mode, TlsMode::Require);
+        let u = NbdUri::parse("NBDS+UNIX:///e?socket=/s").unwrap();
+        assert_eq!(u.tls.mode, TlsMode::Require);
+        assert_eq!(u.to_string(), "nbds+unix:///e?socket=/s");
+
+        // nbd:// is "unencrypted or opportunistically TLS encrypted": TLS
+        // parameters ask for the opportunity.
+        assert_eq!(NbdUri::parse("nbd://h/").unwrap().tls.mode, TlsMode::Off);
+        for q in [
+            "tls-type=x509",
+            "tls-hostname=x",
+            "tls-verify-peer=1",
+            "tls-certificates=/d",
+        ] {
+            let u = NbdUri::parse(&format!("nbd://h/?{q}")).unwrap();
+            assert_eq!(u.tls.mode, TlsMode::Opportunistic, "{q}");
+            assert_eq!(u.to_string(), format!("nbd://h/?{q}"));
+        }
+
+        let u = NbdUri::parse(
+            "nbds+unix:///?socket=/s&tls-hostname=srv&tls-verify-peer=false&tls-certificates=/a%20b",
+        )
+        .unwrap();
+        assert_eq!(
+            u.tls,
+            TlsParams {
+                mode: TlsMode::Require,
+                x509: false,
+                hostname: Some("srv".into()),
+                verify_peer: Some(false),
+                certificates: Some("/a b".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn tls_refusals() {
+        let e = |s: &str| NbdUri::parse(s).unwrap_err();
+        let psk = e("nbds://h/?tls-psk-file=/keys.psk");
+        assert!(
+            matches!(&psk, UriError::PskNotSupported { name, .. } if name == "tls-psk-file"),
+            "{psk:?}"
+        );
+        let m = psk.to_string();
+        assert!(m.contains("rustls") && m.contains("X.509"), "{m}");
+        assert!(matches!(
+            e("nbds://h/?tls-type=psk"),
+            UriError::PskNotSupported { .. }
+        ));
+        assert!(matches!(
+            e("nbds://h/?tls-type=anon"),
+            UriError::TlsTypeNotSupported { .. }
+        ));
+        assert!(matches!(
+            e("nbds://h/?tls-verify-peer=2"),
+            UriError::BadParameterValue { .. }
+        ));
+        assert!(matches!(
+            e("nbds://h/?tls-hostname="),
+            UriError::BadParameterValue { .. }
+        ));
+        assert!(matches!(
+            e("nbds://h/?tls-certificates="),
+            UriError::BadParameterValue { .. }
+        ));
+        assert!(matches!(e("nbds:///x"), UriError::MissingHost { .. }));
+        assert!(matches!(
+            e("nbds+unix:///x"),
+            UriError::MissingSocket { .. }
+        ));
+        assert!(matches!(e("nbdx://h/"), UriError::NotNbd { .. }));
     }
 }

@@ -9,6 +9,10 @@
 //!   dropping the file's cached pages, and [`canonical_map`] merges the
 //!   neighbours of a qemu-img map that agree on every field, so that two maps
 //!   can be compared as JSON values.
+//! - [`Server`] runs qemu-nbd or nbdkit on a Unix socket ([`Server::start`])
+//!   or a TCP port bound here ([`Server::start_tcp`]); [`make_certs`] makes
+//!   the X.509 certificates of a TLS test with openssl, laid out as qemu
+//!   and nbdkit read them.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +43,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("strace", "strace"),
     ("cp", "coreutils"),
     ("cmp", "diffutils"),
+    ("openssl", "openssl"),
 ];
 
 /// The workspace root.
@@ -262,13 +267,15 @@ pub fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
-/// A server process (qemu-nbd, nbdkit) listening on a Unix socket; killed
-/// when dropped.
+/// A server process (qemu-nbd, nbdkit) listening on a Unix socket or a
+/// TCP port; killed when dropped.
 #[derive(Debug)]
 pub struct Server {
     child: std::process::Child,
-    /// The socket it listens on.
+    /// The socket it listens on (empty for TCP).
     pub socket: PathBuf,
+    /// The 127.0.0.1 port it listens on, for [`Server::start_tcp`].
+    pub port: Option<u16>,
 }
 
 impl Server {
@@ -288,6 +295,7 @@ impl Server {
         let mut server = Server {
             child,
             socket: socket.to_owned(),
+            port: None,
         };
         let t = std::time::Instant::now();
         // Listening, not only bound: connect until the server accepts.
@@ -305,9 +313,73 @@ impl Server {
         server
     }
 
-    /// The `nbd+unix` URI of the default export.
+    /// Starts `tool args...` on a free port of 127.0.0.1, bound here and
+    /// handed over by socket activation (fd 3, `LISTEN_FDS=1`,
+    /// `LISTEN_PID` its own pid; qemu-nbd and nbdkit both take it when
+    /// given no address): picking a free port for the server to bind later
+    /// races with other tests' servers. Waits up to 10 s for the server's
+    /// greeting on a first connection (qemu-nbd needs `--persistent` to
+    /// serve the next one).
+    pub fn start_tcp(tool: &str, args: &[&str]) -> Server {
+        let exe = require(tool);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(exe)
+            .args(args)
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                listener,
+            )))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {tool}: {e}"));
+        let mut server = Server {
+            child,
+            socket: PathBuf::new(),
+            port: Some(port),
+        };
+        // The port accepts at once (the kernel queues connections): wait
+        // for the NBD greeting, so that a server that fails to start fails
+        // here and not as a client's timeout.
+        let greeting = (|| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            let mut magic = [0u8; 8];
+            std::io::Read::read_exact(&mut s, &mut magic)?;
+            Ok::<_, std::io::Error>(magic)
+        })();
+        match greeting {
+            Ok(magic) if &magic == b"NBDMAGIC" => server,
+            r => {
+                let status = server.child.try_wait();
+                panic!("{tool} {args:?} does not greet on port {port}: {r:?}, exit {status:?}")
+            }
+        }
+    }
+
+    /// The URI of the default export: `nbd+unix:///?socket=PATH`, or
+    /// `nbd://127.0.0.1:PORT/` for [`Server::start_tcp`].
     pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
+        match self.port {
+            Some(port) => format!("nbd://127.0.0.1:{port}/"),
+            None => format!("nbd+unix:///?socket={}", self.socket.display()),
+        }
+    }
+
+    /// The TLS URI of the default export with `tls-certificates=certs`:
+    /// `nbds+unix://` or `nbds://`. `certs` must need no percent-encoding.
+    pub fn tls_uri(&self, certs: &Path) -> String {
+        let certs = certs.display();
+        match self.port {
+            Some(port) => format!("nbds://127.0.0.1:{port}/?tls-certificates={certs}"),
+            None => format!(
+                "nbds+unix:///?socket={}&tls-certificates={certs}",
+                self.socket.display()
+            ),
+        }
     }
 
     /// Stops the server now (SIGKILL).
@@ -321,6 +393,142 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The openssl configuration of [`make_certs`]: a CA, a server certificate
+/// for `{names}`, a client certificate. Key usages as qemu's
+/// own sanity check of its credentials wants them (crypto/tlscredsx509.c).
+const OPENSSL_CNF: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = sparsekit test
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = {names}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+/// Makes a new CA and the certificates of one TLS test in `dir` (created
+/// if needed), laid out as qemu's `tls-creds-x509,dir=` (both endpoints),
+/// nbdkit's `--tls-certificates` and libnbd's `tls-certificates` read
+/// them: `ca-cert.pem`, `server-cert.pem` and `server-key.pem` (names
+/// `localhost` and `127.0.0.1`), `client-cert.pem` and `client-key.pem`;
+/// the CA's key is kept beside them as `ca-key.pem`. ECDSA P-256 keys,
+/// fast to make. Returns `dir`.
+pub fn make_certs(dir: &Path) -> PathBuf {
+    make_certs_named(dir, "DNS:localhost,IP:127.0.0.1")
+}
+
+/// [`make_certs`] with a server certificate for `names`, an openssl
+/// `subjectAltName` list such as `DNS:nbd.example,IP:10.0.0.1`.
+pub fn make_certs_named(dir: &Path, names: &str) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let cnf = dir.join("openssl.cnf");
+    fs::write(&cnf, OPENSSL_CNF.replace("{names}", names)).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let cnf = p("openssl.cnf");
+    // A name of its own: a client given another test's CA must find no
+    // issuer (UnknownIssuer), not an issuer whose signature fails.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let ca_name = format!("/CN=sparsekit test CA {}-{nanos}", std::process::id());
+    for who in ["ca", "server", "client"] {
+        run(
+            "openssl",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                &p(&format!("{who}-key.pem")),
+            ],
+        );
+    }
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            &cnf,
+            "-extensions",
+            "ca",
+            "-subj",
+            &ca_name,
+            "-days",
+            "3650",
+            "-key",
+            &p("ca-key.pem"),
+            "-out",
+            &p("ca-cert.pem"),
+        ],
+    );
+    for (who, cn, serial) in [
+        ("server", "localhost", "2"),
+        ("client", "sparsekit test client", "3"),
+    ] {
+        let csr = p(&format!("{who}.csr"));
+        run(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-config",
+                &cnf,
+                "-subj",
+                &format!("/CN={cn}"),
+                "-key",
+                &p(&format!("{who}-key.pem")),
+                "-out",
+                &csr,
+            ],
+        );
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &p("ca-cert.pem"),
+                "-CAkey",
+                &p("ca-key.pem"),
+                "-set_serial",
+                serial,
+                "-days",
+                "3650",
+                "-extfile",
+                &cnf,
+                "-extensions",
+                who,
+                "-out",
+                &p(&format!("{who}-cert.pem")),
+            ],
+        );
+        fs::remove_file(&csr).unwrap();
+    }
+    dir.to_owned()
 }
 
 /// Flushes and drops the file's cached pages, so that tools mapping with
