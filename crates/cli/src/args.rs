@@ -24,7 +24,7 @@ impl From<FormatArg> for Format {
 }
 
 /// How images are opened: the flags every tool takes.
-#[derive(Debug, Clone, Copy, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ImageArgs {
     /// qcow2: read the image alone, without its backing file (what it does
     /// not allocate reads as zeros).
@@ -42,6 +42,13 @@ pub struct ImageArgs {
     /// as qemu-img's -U: without it, such an image is refused.
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// NBD over TLS (nbds://, nbds+unix://): the folder holding
+    /// ca-cert.pem, and client-cert.pem and client-key.pem if the server
+    /// asks for a client certificate, as qemu and libnbd lay it out (the
+    /// URI's tls-certificates= wins over it; default: libnbd's folders,
+    /// then the system's CAs).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<std::path::PathBuf>,
 }
 
 impl ImageArgs {
@@ -55,6 +62,7 @@ impl ImageArgs {
             no_backing: self.no_backing,
             untrusted: self.untrusted,
             timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
+            tls_certificates: self.tls_certificates.clone(),
             ..OpenOptions::default()
         }
     }

@@ -212,3 +212,139 @@ fn refusals_say_why() {
         "{err}"
     );
 }
+
+/// `copy` into exports served over TLS: qemu-nbd (raw target, TCP, with
+/// the certificates given by `--tls-certificates`) and nbdkit
+/// `--tls=require` (memory, Unix socket, certificates in the URI), from a
+/// qcow2 image and from a TLS source (nbds to nbds). The export then reads
+/// as `qemu-img convert` of the source. A wrong CA is refused before
+/// anything is written.
+#[test]
+fn copy_into_exports_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = make_certs(&d.join("certs"));
+    let c = certs.to_str().unwrap();
+    let src = fixture("chain-top.qcow2");
+    let want = d.join("want.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            want.to_str().unwrap(),
+        ],
+    );
+    let want = std::fs::read(&want).unwrap();
+    let read_back = |uri: &str| {
+        let out = d.join("back.raw");
+        let _ = std::fs::remove_file(&out);
+        let o = Command::new(sparsekit_testkit::require("nbdcopy"))
+            .args([uri, out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nbdcopy: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::read(out).unwrap()
+    };
+
+    // qemu-nbd over TCP into a raw file of random bytes.
+    let target = d.join("target.raw");
+    let noise: Vec<u8> = (0..want.len()).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&target, &noise).unwrap();
+    let object = format!("tls-creds-x509,id=tls0,dir={c},endpoint=server");
+    let server = Server::start_tcp(
+        "qemu-nbd",
+        &[
+            "-f",
+            "raw",
+            "--persistent",
+            "--shared=8",
+            "--object",
+            &object,
+            "--tls-creds",
+            "tls0",
+            target.to_str().unwrap(),
+        ],
+    );
+    let tls = server.tls_uri(&certs);
+    let bare = tls.split('?').next().unwrap().to_owned();
+    let o = sparsekit(
+        "copy",
+        &["--tls-certificates", c, src.to_str().unwrap(), &bare],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(server);
+    assert!(
+        std::fs::read(&target).unwrap() == want,
+        "qemu-nbd target differs"
+    );
+
+    // nbdkit --tls=require over a Unix socket, the certificates in the URI,
+    // from a TLS source.
+    let source = qemu_nbd(d, &src, Some(&certs), true);
+    let sock = d.join("dest.sock");
+    let kit = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "--exit-with-parent",
+            "-U",
+            sock.to_str().unwrap(),
+            "--tls=require",
+            &format!("--tls-certificates={c}"),
+            "memory",
+            &want.len().to_string(),
+        ],
+        &sock,
+    );
+    let dest = kit.tls_uri(&certs);
+    let o = sparsekit("copy", &["--verify", &source.tls_uri(&certs), &dest]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read_back(&dest) == want, "nbdkit target differs");
+
+    // A wrong CA: refused in the handshake, nothing written.
+    std::fs::write(&target, &noise).unwrap();
+    let other = make_certs(&d.join("other"));
+    let server = Server::start_tcp(
+        "qemu-nbd",
+        &[
+            "-f",
+            "raw",
+            "--persistent",
+            "--object",
+            &object,
+            "--tls-creds",
+            "tls0",
+            target.to_str().unwrap(),
+        ],
+    );
+    let o = sparsekit("copy", &[src.to_str().unwrap(), &server.tls_uri(&other)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("TLS handshake failed") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    drop(server);
+    assert!(
+        std::fs::read(&target).unwrap() == noise,
+        "a refused copy wrote"
+    );
+
+    // A plain URI to a server that requires TLS says so.
+    let o = sparsekit("copy", &[src.to_str().unwrap(), &server_plain_uri(&sock)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("requires TLS"), "{e}");
+    drop(kit);
+}
+
+fn server_plain_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}

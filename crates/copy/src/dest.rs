@@ -32,6 +32,9 @@ pub struct DestOptions {
     /// NBD: connections to write through, where the server advertises
     /// multi-conn (one otherwise); see [`crate::plan::nbd_connections`].
     pub connections: usize,
+    /// NBD over TLS: the folder of `ca-cert.pem` (and `client-cert.pem`,
+    /// `client-key.pem`) where the URI does not name one.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 impl Default for DestOptions {
@@ -39,6 +42,7 @@ impl Default for DestOptions {
         Self {
             timeout: sparsekit_nbd::ClientConfig::default().timeout,
             connections: crate::plan::NBD_CONNECTIONS,
+            tls_certificates: None,
         }
     }
 }
@@ -163,7 +167,12 @@ impl Destination {
                 });
             }
             Spec::Nbd(uri) => {
-                let export = NbdSource::connect_for_writing(uri, opts.connections, opts.timeout)?;
+                let config = sparsekit_nbd::ClientConfig {
+                    timeout: opts.timeout,
+                    tls_certificates: opts.tls_certificates.clone(),
+                    ..Default::default()
+                };
+                let export = NbdSource::connect_for_writing(uri, opts.connections, &config)?;
                 return Ok(Self {
                     name: uri.to_string(),
                     target: Target::Nbd(Box::new(export)),

@@ -169,6 +169,9 @@ pub struct OpenOptions {
     /// NBD: connections for reading besides the one that asks for block
     /// status (0: that one reads too); see [`crate::plan::nbd_connections`].
     pub connections: usize,
+    /// NBD over TLS: the folder of `ca-cert.pem` (and `client-cert.pem`,
+    /// `client-key.pem`) where the URI does not name one.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 /// A forward-only qcow2 stream (standard input), its header read.
@@ -219,7 +222,12 @@ impl Opened {
                         why: "an NBD export is read as the raw disk it serves; --format qcow2 does not apply",
                     });
                 }
-                let src = NbdSource::connect(uri, &opts.contexts, opts.connections, opts.timeout)?;
+                let config = sparsekit_nbd::ClientConfig {
+                    timeout: opts.timeout,
+                    tls_certificates: opts.tls_certificates.clone(),
+                    ..Default::default()
+                };
+                let src = NbdSource::connect(uri, &opts.contexts, opts.connections, config)?;
                 Ok(Opened::Nbd(Box::new(src)))
             }
             Spec::Stdio => {

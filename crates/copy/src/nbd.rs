@@ -35,18 +35,14 @@ impl NbdSource {
     /// Connects to `uri` negotiating `base:allocation` and `contexts`, with
     /// up to `connections` connections for reading besides the one that
     /// asks for block status (0: that one reads too, as when the server
-    /// does not allow several). Every connect, read and write gives up after
-    /// `timeout` (`None`: waits forever).
+    /// does not allow several), each as `config` says (its timeout, its
+    /// TLS certificates).
     pub fn connect(
         uri: &NbdUri,
         contexts: &[String],
         connections: usize,
-        timeout: Option<std::time::Duration>,
+        mut config: ClientConfig,
     ) -> Result<Self, sparsekit_nbd::Error> {
-        let mut config = ClientConfig {
-            timeout,
-            ..ClientConfig::default()
-        };
         for c in contexts {
             if !config.contexts.contains(c) {
                 config.contexts.push(c.clone());
@@ -64,13 +60,9 @@ impl NbdSource {
     pub(crate) fn connect_for_writing(
         uri: &NbdUri,
         connections: usize,
-        timeout: Option<std::time::Duration>,
+        config: &ClientConfig,
     ) -> Result<Self, sparsekit_nbd::Error> {
-        let config = ClientConfig {
-            timeout,
-            ..ClientConfig::default()
-        };
-        let clients = Client::connect_multi(uri, &config, connections.max(1))?;
+        let clients = Client::connect_multi(uri, config, connections.max(1))?;
         Ok(Self::from_clients(uri, clients, 0))
     }
 

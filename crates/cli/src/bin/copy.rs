@@ -123,6 +123,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dest_options = DestOptions {
         timeout: open.timeout,
         connections: nbd_connections(args.jobs),
+        tls_certificates: open.tls_certificates.clone(),
     };
     let dest = Destination::open(&Spec::parse(&args.dest)?, &dest_options)?;
     let plan = Plan::new(source, dest, &request(&args))?;
