@@ -58,8 +58,12 @@ enum Task {
         runs: usize,
         /// Only the image workloads (qcow2, W3, NBD, stream), printed to
         /// standard output; BENCHMARKS.md is left as it is.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "only")]
         images_only: bool,
+        /// Only these workloads, printed to standard output (fixtures they
+        /// need are generated; BENCHMARKS.md is left as it is).
+        #[arg(long, value_enum)]
+        only: Option<bench::Only>,
     },
 }
 
@@ -75,9 +79,11 @@ fn main() -> ExitCode {
         Task::Fuzz { target, seconds } => {
             ensure_tools().and_then(|()| fuzz::run(target.as_deref(), seconds, None).map(drop))
         }
-        Task::Bench { runs, images_only } => {
-            ensure_tools().and_then(|()| bench::run(runs, images_only))
-        }
+        Task::Bench {
+            runs,
+            images_only,
+            only,
+        } => ensure_tools().and_then(|()| bench::run(runs, images_only, only)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

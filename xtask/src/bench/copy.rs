@@ -54,10 +54,10 @@ const WORKLOADS: &[Workload] = &[
 /// The file each command copies under strace: 128 MiB with 96 MiB of data
 /// in 8 extents, made in the scratch folder. Large enough that a copy which
 /// writes its destination back as it goes does so, as on the workloads.
-const STRACE_SOURCE: &str = "a 128 MiB file with 96 MiB of data in 8 extents";
+pub(super) const STRACE_SOURCE: &str = "a 128 MiB file with 96 MiB of data in 8 extents";
 
 /// Writes the [`STRACE_SOURCE`] file at `path`.
-fn write_strace_source(path: &Path) -> anyhow::Result<()> {
+pub(super) fn write_strace_source(path: &Path) -> anyhow::Result<()> {
     const MIB: u64 = 1 << 20;
     let f = File::create(path).with_context(|| format!("creating {}", display(path)))?;
     f.set_len(128 * MIB)?;
@@ -593,7 +593,7 @@ fn seek(f: &File, pos: u64, whence: Whence, size: u64) -> anyhow::Result<Option<
 /// file has data: a range that is a hole in both (SEEK_DATA/SEEK_HOLE)
 /// reads as zeros in both. (`cmp` reads the holes too: 34 s for one pair of
 /// 8 GiB files here.) Small buffers keep xtask's peak RSS low.
-fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
+pub(super) fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
     let open = |p: &Path| File::open(p).with_context(|| format!("opening {}", p.display()));
     let (fa, fb) = (open(a)?, open(b)?);
     let (sa, sb) = (fa.metadata()?.len(), fb.metadata()?.len());

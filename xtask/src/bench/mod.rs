@@ -2,7 +2,9 @@
 //! run, written to BENCHMARKS.md as paired ratios ([`Ratio`]).
 //!
 //! - `map`: a file with 200,000 extents (here);
-//! - `copy`: the workloads of issue 4, warm and cold ([`copy`]).
+//! - `copy`: the workloads of issue 4, warm and cold ([`copy`]);
+//! - the image workloads: qcow2, W3, NBD, streams ([`images`]);
+//! - restores into NBD exports, TLS against plain ([`restore`]).
 //!
 //! A child's peak RSS from wait4 starts at xtask's own peak (the child is
 //! spawned from xtask's memory), so xtask keeps its own footprint small:
@@ -10,6 +12,7 @@
 
 mod copy;
 mod images;
+mod restore;
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -452,8 +455,32 @@ pub(super) fn empty_page_cache() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
 }
 
-pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
+/// A group of workloads that `--only` runs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// Restores into NBD exports: W1 and W3 into qemu-nbd, W1 into nbdkit
+    /// memory, W1 over TCP with TLS against without.
+    Restore,
+}
+
+pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    if only == Some(Only::Restore) {
+        START.get_or_init(Instant::now);
+        let load_start = load_average();
+        let bin = release_build()?;
+        let mut md = format!("{RATIOS}\n\n");
+        restore::run(&mut md, &bin, runs)?;
+        let _ = writeln!(
+            md,
+            "This part took {:.1} min (`--runs {runs}`). Load average (1, 5, 15 min) when it \
+             started: {load_start}; when it ended: {}.\n",
+            START.get_or_init(Instant::now).elapsed().as_secs_f64() / 60.0,
+            load_average()
+        );
+        print!("{md}");
+        return Ok(());
+    }
     if images_only {
         let bin = release_build()?;
         crate::fixtures(true)?;
@@ -554,6 +581,7 @@ pub fn run(runs: usize, images_only: bool) -> anyhow::Result<()> {
 
     copy::run(&mut md, &bin, runs)?;
     images::run(&mut md, &bin, runs)?;
+    restore::run(&mut md, &bin, runs)?;
     let _ = writeln!(
         md,
         "The whole bench took {:.1} min. Load average (1, 5, 15 min) when it started: \
