@@ -679,9 +679,13 @@ fn table(md: &mut String, stats: &[Stats], requests: Option<&[Requests]>) {
 /// that reads it.
 fn against(peer: &Stats, ours: &Stats) -> String {
     let r = Ratio::of(peer, ours);
-    let word = if r.median >= 1.0 { "faster" } else { "slower" };
+    let word = match r.median {
+        m if (m - 1.0).abs() < 0.005 => "even",
+        m if m > 1.0 => "sparsekit faster",
+        _ => "sparsekit slower",
+    };
     format!(
-        "`{}` {:.2} s against {}, {:.2} s (medians): {r}, sparsekit {word}",
+        "`{}` {:.2} s against {}, {:.2} s (medians): {r}, {word}",
         ours.label, ours.median, peer.label, peer.median
     )
 }
@@ -736,101 +740,6 @@ fn virtual_size(img: &Path) -> anyhow::Result<u64> {
     v["virtual-size"]
         .as_u64()
         .context("qemu-img info printed no virtual-size")
-}
-
-/// Writes a CA, a server certificate (SAN IP:127.0.0.1, DNS:localhost)
-/// and a client certificate into `dir`, with the names qemu's
-/// tls-creds-x509 and libnbd's `tls-certificates` look for.
-fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let ssl = |args: &[&str]| -> anyhow::Result<()> {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl")?;
-        ensure!(
-            o.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-        Ok(())
-    };
-    ssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-subj",
-        "/CN=sparsekit bench CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
-    for (who, cn, usage) in [
-        (
-            "server",
-            "localhost",
-            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        ),
-        (
-            "client",
-            "sparsekit bench client",
-            "extendedKeyUsage=clientAuth\n",
-        ),
-    ] {
-        let ext = format!("{who}.ext");
-        std::fs::write(
-            dir.join(&ext),
-            format!(
-                "basicConstraints=critical,CA:FALSE\n\
-                 keyUsage=critical,digitalSignature,keyEncipherment\n{usage}"
-            ),
-        )?;
-        let (key, csr, cert) = (
-            format!("{who}-key.pem"),
-            format!("{who}.csr"),
-            format!("{who}-cert.pem"),
-        );
-        ssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={cn}"),
-        ])?;
-        ssl(&[
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &csr,
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-extfile",
-            &ext,
-        ])?;
-    }
-    Ok(())
 }
 
 pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()> {
@@ -941,7 +850,7 @@ fn tls(
 ) -> anyhow::Result<()> {
     let certs = scratch.path("tls");
     note("restore TLS: certificates (openssl)");
-    make_certificates(&certs)?;
+    testkit::make_certs(&certs);
     let exports = vec![
         Export::qemu_nbd_tcp(scratch.path("target-tls.raw"), size, Some(&certs))?,
         Export::qemu_nbd_tcp(scratch.path("target-plain.raw"), size, None)?,
@@ -998,8 +907,9 @@ fn tls(
          Two servers, both started anew before every run, each on its own new sparse target \
          and its own port of 127.0.0.1 (bound by xtask and handed over by socket activation, \
          so no other process can take it between runs): `{}` and `{}`. Certificates made with \
-         openssl for this run (a CA, a server certificate for IP:127.0.0.1 and DNS:localhost, \
-         a client certificate: qemu-nbd verifies the client). nbdcopy flushes as sparsekit \
+         openssl for this run (testkit's `make_certs`: a CA, a server certificate for \
+         IP:127.0.0.1 and DNS:localhost, a client certificate, ECDSA P-256; qemu-nbd \
+         verifies the client). nbdcopy flushes as sparsekit \
          does. Checked by comparing each target file with the source.\n",
         w.exports[0].cmdline(),
         w.exports[1].cmdline(),
@@ -1075,6 +985,44 @@ mod tests {
             r.to_string(),
             "2 conn., WRITE ×2 (192 KiB each), WRITE_ZEROES ×1 (1 fast), FLUSH ×1"
         );
+    }
+
+    /// The TLS workload's servers, on a small target: the certificates
+    /// satisfy qemu-nbd and libnbd, the socket-activated servers greet,
+    /// restart on the same port, and a write lands in the target file.
+    #[test]
+    fn tcp_exports_serve_plain_and_tls_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("xtask-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = dir.join("tls");
+        testkit::make_certs(&certs);
+        let src = dir.join("src.raw");
+        let f = File::create(&src).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"restored", 4096).unwrap();
+        for tls in [Some(certs.as_path()), None] {
+            let target = dir.join("target.raw");
+            let export = Export::qemu_nbd_tcp(target.clone(), 1 << 20, tls).unwrap();
+            assert_eq!(export.uri.starts_with("nbds://"), tls.is_some());
+            for _ in 0..2 {
+                let server = export.start().unwrap();
+                let o = Command::new("nbdcopy")
+                    .arg("--flush")
+                    .arg(&src)
+                    .arg(&export.uri)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                assert_eq!(
+                    super::super::copy::first_difference(&src, &target).unwrap(),
+                    None
+                );
+                drop(server);
+                export.clean().unwrap();
+                assert!(!target.exists());
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
