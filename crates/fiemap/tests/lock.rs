@@ -323,8 +323,16 @@ fn against_holder(fmt: &str, nbd: bool, read_only: bool, expect: &[u64], refused
         // The refusal follows from the bytes alone.
         assert_eq!(ours.is_some(), profile.conflicts_with(seen), "{name}");
         assert_eq!(ours.is_some(), refused.contains(&name), "{name}: {ours:?}");
-        // Nothing of ours stays behind.
-        assert_eq!(proc_lock_bytes(&im.img()), expect, "{name}");
+        // Nothing of ours stays behind. (Under load, one of the holder's own
+        // bytes was once missing from /proc/locks for a moment: 203 of a
+        // writable qemu-nbd. Look again for a while before failing.)
+        let t = std::time::Instant::now();
+        let mut left = proc_lock_bytes(&im.img());
+        while left != expect && t.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            left = proc_lock_bytes(&im.img());
+        }
+        assert_eq!(left, expect, "{name}");
     }
 }
 
