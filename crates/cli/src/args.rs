@@ -23,6 +23,18 @@ impl From<FormatArg> for Format {
     }
 }
 
+impl From<FormatArg> for sparsekit_copy::Output {
+    /// `-O`: raw, or a qcow2 stream with qemu's default clusters.
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Raw => Self::Raw,
+            FormatArg::Qcow2 => Self::Qcow2 {
+                cluster_bits: sparsekit_qcow2::DEFAULT_CLUSTER_BITS,
+            },
+        }
+    }
+}
+
 /// How images are opened: the flags every tool takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImageArgs {

@@ -29,6 +29,20 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `copy - DEST` with `stream` on standard input.
+fn copy_from_stdin(stream: &Path, dest: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_copy"))
+        .args(["-", dest])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::copy(&mut std::fs::File::open(stream).unwrap(), &mut stdin).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
 /// A file of `size` random bytes: a destination whose every byte the copy
 /// must overwrite or leave alone, visibly.
 fn random_file(path: &Path, size: u64, seed: u64) {
@@ -287,19 +301,7 @@ fn every_source_kind() {
     }
 
     let server = nbdkit(d, &["memory", &size]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_copy"))
-        .args(["-", &server.uri()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::copy(
-        &mut std::fs::File::open(&stream).unwrap(),
-        child.stdin.as_mut().unwrap(),
-    )
-    .unwrap();
-    drop(child.stdin.take());
-    assert_ok(&child.wait_with_output().unwrap());
+    assert_ok(&copy_from_stdin(&stream, &server.uri()));
     assert!(
         read_back(d, &server.uri()) == want,
         "stream: export differs"
@@ -319,19 +321,7 @@ fn every_source_kind() {
             "fastzeromode=none",
         ],
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_copy"))
-        .args(["-", &server.uri()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::copy(
-        &mut std::fs::File::open(&stream).unwrap(),
-        child.stdin.as_mut().unwrap(),
-    )
-    .unwrap();
-    drop(child.stdin.take());
-    assert_ok(&child.wait_with_output().unwrap());
+    assert_ok(&copy_from_stdin(&stream, &server.uri()));
     drop(server);
     assert!(
         std::fs::read(&target).unwrap() == want,
@@ -471,7 +461,6 @@ fn refusals_before_writing() {
     let target = d.join("target.raw");
 
     random_file(&target, want.len() as u64, 1);
-    let before = std::fs::read(&target).unwrap();
     let server = qemu_nbd(d, "raw", &target, &["-r"]);
     let o = copy(&[s(&src), &server.uri()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -508,7 +497,6 @@ fn refusals_before_writing() {
         std::fs::read(&target).unwrap() == small,
         "a refused copy wrote"
     );
-    let _ = before;
 
     let server = nbdkit(d, &["memory", "1M"]);
     let o = copy(&[&server.uri(), &server.uri()]);

@@ -125,6 +125,29 @@ pub struct Request {
     pub output: Output,
 }
 
+impl Request {
+    /// How to open the source of this copy, from the caller's `base`:
+    /// NBD connections for its workers, and the dirty bitmap's context.
+    pub fn source_options(&self, base: crate::OpenOptions) -> crate::OpenOptions {
+        let mut open = base;
+        open.connections = nbd_connections(self.jobs);
+        open.contexts.extend(
+            (self.bitmap.iter()).map(|b| format!("{}{b}", sparsekit_nbd::map::QEMU_DIRTY_BITMAP)),
+        );
+        open
+    }
+
+    /// How to reach the destination of this copy: the source's NBD timeout
+    /// and certificates, connections for its workers.
+    pub fn dest_options(&self, source: &crate::OpenOptions) -> crate::DestOptions {
+        crate::DestOptions {
+            timeout: source.timeout,
+            connections: nbd_connections(self.jobs),
+            tls_certificates: source.tls_certificates.clone(),
+        }
+    }
+}
+
 /// The resolved settings of a copy's data path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -725,6 +748,28 @@ mod tests {
         assert_eq!(nbd_connections(Some(3)), 3);
         assert_eq!(nbd_connections(Some(16)), 4);
         assert_eq!(nbd_connections(Some(0)), 1);
+    }
+
+    #[test]
+    fn a_request_says_how_its_endpoints_are_opened() {
+        let req = Request {
+            jobs: Some(2),
+            bitmap: Some("inc1".into()),
+            ..Request::default()
+        };
+        let base = OpenOptions {
+            timeout: Some(Duration::from_secs(5)),
+            tls_certificates: Some("/certs".into()),
+            ..OpenOptions::default()
+        };
+        let open = req.source_options(base);
+        assert_eq!(open.connections, 2);
+        assert_eq!(open.contexts, ["qemu:dirty-bitmap:inc1"]);
+        let dest = req.dest_options(&open);
+        assert_eq!(dest.connections, 2);
+        assert_eq!(dest.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(dest.tls_certificates, Some("/certs".into()));
+        assert_eq!(Request::default().dest_options(&open).connections, 4);
     }
 
     #[test]

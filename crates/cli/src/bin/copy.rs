@@ -7,10 +7,7 @@ use sparsekit_cli::args::{FormatArg, ImageArgs, MethodArg, ProgressArgs};
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
-use sparsekit_copy::plan::nbd_connections;
-use sparsekit_copy::{
-    DestOptions, Destination, Opened, Output, Plan, Purpose, Request, Spec, stop_on_signals,
-};
+use sparsekit_copy::{Destination, Opened, Plan, Purpose, Request, Spec, stop_on_signals};
 
 /// Copy a disk image's data, and only its data, in parallel.
 ///
@@ -115,18 +112,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signals().context("installing signal handlers")?;
-    let mut open = args.image.open_options(args.format, Purpose::Copy);
-    open.connections = nbd_connections(args.jobs);
-    open.contexts
-        .extend(args.bitmap.iter().map(|b| format!("qemu:dirty-bitmap:{b}")));
+    let request = request(&args);
+    let open = request.source_options(args.image.open_options(args.format, Purpose::Copy));
     let source = Opened::open(&Spec::parse(&args.source)?, &open)?;
-    let dest_options = DestOptions {
-        timeout: open.timeout,
-        connections: nbd_connections(args.jobs),
-        tls_certificates: open.tls_certificates.clone(),
-    };
-    let dest = Destination::open(&Spec::parse(&args.dest)?, &dest_options)?;
-    let plan = Plan::new(source, dest, &request(&args))?;
+    let dest = Destination::open(&Spec::parse(&args.dest)?, &request.dest_options(&open))?;
+    let plan = Plan::new(source, dest, &request)?;
     let (from, to) = (
         plan.source().name().to_owned(),
         plan.dest().name().to_owned(),
@@ -159,11 +149,6 @@ fn request(args: &Args) -> Request {
         flush: args.flush,
         verify: args.verify,
         keep_partial: args.keep_partial,
-        output: match args.output_format {
-            FormatArg::Raw => Output::Raw,
-            FormatArg::Qcow2 => Output::Qcow2 {
-                cluster_bits: sparsekit_qcow2::DEFAULT_CLUSTER_BITS,
-            },
-        },
+        output: args.output_format.into(),
     }
 }
