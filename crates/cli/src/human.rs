@@ -216,6 +216,12 @@ pub fn describe(name: &str, d: &Description) -> (String, bool) {
         }
         Description::Nbd { size: n } => (format!("{name}: NBD export, {}", size(n)), false),
         Description::Stream { size: n } => (format!("{name}: qcow2 stream, {}", size(n)), false),
+        Description::RawStream { compression } => {
+            let how = compression.map_or("raw stream".to_string(), |c| {
+                format!("{c}-compressed raw image")
+            });
+            (format!("{name}: {how}"), false)
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! Sources, opened from what a command line names: a path (a raw file or
-//! block device, or a qcow2 image with its chain), an NBD URI, or `-`
-//! (a qcow2 stream on standard input). Each is probed once and opened
-//! once; the result knows its kind, size, map and the files it reads.
+//! block device, a qcow2 image with its chain, or a compressed raw image),
+//! an NBD URI, or `-` (standard input: a qcow2 stream, or raw bytes,
+//! compressed or not). Each is probed once and opened once; the result
+//! knows its kind, size, map and the files it reads.
 
 use std::fmt;
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +19,7 @@ use sparsekit_nbd::NbdUri;
 use sparsekit_qcow2::FileRole;
 use sparsekit_qcow2::StreamDecoder;
 
+use crate::compressed::{Compression, MAGIC_LEN, read_full};
 use crate::error::OpenError;
 use crate::nbd::NbdSource;
 use crate::qcow2::Qcow2Source;
@@ -177,7 +180,7 @@ pub struct OpenOptions {
 /// A forward-only qcow2 stream (standard input), its header read.
 pub struct StreamSource {
     /// The decoder, positioned after the header.
-    pub(crate) decoder: StreamDecoder<Box<dyn Read>>,
+    pub(crate) decoder: StreamDecoder<Box<dyn Read + Send>>,
     pub(crate) name: String,
 }
 
@@ -197,6 +200,37 @@ impl StreamSource {
     }
 }
 
+/// A raw image that can only be read forward: raw bytes on standard
+/// input, or a compressed raw image (from a file or standard input),
+/// decompressed as it is read. Its size is known only at its end.
+pub struct RawStream {
+    pub(crate) reader: Box<dyn Read + Send>,
+    pub(crate) name: String,
+    pub(crate) compression: Option<Compression>,
+    pub(crate) file_ids: Vec<FileId>,
+}
+
+impl fmt::Debug for RawStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawStream")
+            .field("name", &self.name)
+            .field("compression", &self.compression)
+            .finish()
+    }
+}
+
+impl RawStream {
+    /// Where the stream comes from, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the bytes are compressed, if they are.
+    pub fn compression(&self) -> Option<Compression> {
+        self.compression
+    }
+}
+
 /// A source, opened.
 #[derive(Debug)]
 pub enum Opened {
@@ -208,6 +242,8 @@ pub enum Opened {
     Nbd(Box<NbdSource>),
     /// A forward-only qcow2 stream (standard input).
     Stream(Box<StreamSource>),
+    /// A forward-only raw image (standard input, or a compressed file).
+    RawStream(Box<RawStream>),
 }
 
 impl Opened {
@@ -231,20 +267,78 @@ impl Opened {
                 Ok(Opened::Nbd(Box::new(src)))
             }
             Spec::Stdio => {
-                if opts.format == Some(Format::Raw) {
-                    return Err(OpenError::NotApplicable {
-                        name: "standard input".into(),
-                        why: "standard input is read as a qcow2 stream; -f raw does not apply",
-                    });
-                }
-                Self::stream(Box::new(std::io::stdin().lock()), "standard input")
+                let name = "standard input";
+                let stdin = std::io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| OpenError::Io {
+                        path: name.into(),
+                        what: "duplicating the descriptor",
+                        source,
+                    })?;
+                Self::forward(
+                    Box::new(std::fs::File::from(stdin)),
+                    name,
+                    opts.format,
+                    Vec::new(),
+                )
             }
         }
     }
 
+    /// Opens what `input` (named `name`) carries, read forward: as `format`
+    /// says, or by its magic: a qcow2 stream, or a raw image, compressed
+    /// (decompressed as it is read, and then itself a qcow2 stream or raw)
+    /// or not. `-f raw` takes the bytes as they are.
+    pub fn forward(
+        input: Box<dyn Read + Send>,
+        name: &str,
+        format: Option<Format>,
+        file_ids: Vec<FileId>,
+    ) -> Result<Self, OpenError> {
+        let io_err = |source| OpenError::Io {
+            path: name.into(),
+            what: "reading",
+            source,
+        };
+        let raw = |reader, compression| {
+            Opened::RawStream(Box::new(RawStream {
+                reader,
+                name: name.into(),
+                compression,
+                file_ids: file_ids.clone(),
+            }))
+        };
+        let (head, input) = peek(input).map_err(io_err)?;
+        match format {
+            Some(Format::Raw) => return Ok(raw(input, None)),
+            Some(Format::Qcow2) => return Self::stream(input, name),
+            None => {}
+        }
+        let (compression, input) = match Compression::sniff(&head) {
+            None => (None, input),
+            Some(c) => {
+                let decoded = c.decoder(input).map_err(io_err)?;
+                let (inner, decoded) = peek(decoded).map_err(|source| OpenError::Io {
+                    path: name.into(),
+                    what: "decompressing",
+                    source,
+                })?;
+                if inner.starts_with(&QCOW2_MAGIC) {
+                    return Self::stream(decoded, name);
+                }
+                (Some(c), decoded)
+            }
+        };
+        if head.starts_with(&QCOW2_MAGIC) {
+            return Self::stream(input, name);
+        }
+        Ok(raw(input, compression))
+    }
+
     /// Reads the header of the qcow2 stream `reader` (named `name` in
     /// messages): a source that can only be read forward.
-    pub fn stream(reader: Box<dyn Read>, name: &str) -> Result<Self, OpenError> {
+    pub fn stream(reader: Box<dyn Read + Send>, name: &str) -> Result<Self, OpenError> {
         let decoder = StreamDecoder::new(reader).map_err(|source| OpenError::Stream {
             name: name.into(),
             source,
@@ -259,14 +353,17 @@ impl Opened {
     pub fn name(&self) -> &str {
         match self {
             Opened::Stream(s) => &s.name,
+            Opened::RawStream(s) => &s.name,
             other => other.random_access().map_or("", |s| s.name()),
         }
     }
 
-    /// Size of the virtual disk in bytes.
+    /// Size of the virtual disk in bytes (a raw stream's is not known
+    /// before its end: 0).
     pub fn size(&self) -> u64 {
         match self {
             Opened::Stream(s) => s.decoder.virtual_size(),
+            Opened::RawStream(_) => 0,
             other => other.random_access().map_or(0, |s| s.size()),
         }
     }
@@ -278,7 +375,7 @@ impl Opened {
             Opened::Raw(s) => Some(s),
             Opened::Qcow2(s) => Some(s),
             Opened::Nbd(s) => Some(s.as_ref()),
-            Opened::Stream(_) => None,
+            Opened::Stream(_) | Opened::RawStream(_) => None,
         }
     }
 
@@ -290,6 +387,7 @@ impl Opened {
                 .map(FileId::of)
                 .collect(),
             Opened::Nbd(_) | Opened::Stream(_) => Vec::new(),
+            Opened::RawStream(s) => s.file_ids.clone(),
             Opened::Qcow2(q) => (q.image().file_ids().into_iter())
                 .map(|(dev, ino)| FileId { dev, ino })
                 .collect(),
@@ -311,6 +409,25 @@ fn open_path(path: &Path, opts: &OpenOptions) -> Result<Opened, OpenError> {
             sparsekit_qcow2::Format::Raw => Format::Raw,
         },
     };
+    let compressed = match opts.format {
+        None if format == Format::Raw => {
+            let mut head = [0u8; MAGIC_LEN];
+            // A short or failing read is a file too small to be compressed.
+            let n = std::os::unix::fs::FileExt::read_at(mapper.file(), &mut head, 0).unwrap_or(0);
+            Compression::sniff(&head[..n])
+        }
+        _ => None,
+    };
+    if compressed.is_some() {
+        let file = mapper.file().try_clone().map_err(|source| OpenError::Io {
+            path: path.to_owned(),
+            what: "opening",
+            source,
+        })?;
+        let ids = file.metadata().iter().map(FileId::of).collect();
+        drop(mapper);
+        return Opened::forward(Box::new(file), &path.display().to_string(), None, ids);
+    }
     Ok(match format {
         Format::Raw => Opened::Raw(RawSource::new(mapper)),
         Format::Qcow2 => {
@@ -324,6 +441,17 @@ fn open_path(path: &Path, opts: &OpenOptions) -> Result<Opened, OpenError> {
             Opened::Qcow2(Qcow2Source::new(img, path))
         }
     })
+}
+
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// The first bytes of `input`, and a reader that still yields them.
+fn peek(mut input: Box<dyn Read + Send>) -> std::io::Result<(Vec<u8>, Box<dyn Read + Send>)> {
+    let mut head = vec![0u8; MAGIC_LEN];
+    let n = read_full(&mut input, &mut head)?;
+    head.truncate(n);
+    let again = std::io::Cursor::new(head.clone()).chain(input);
+    Ok((head, Box::new(again)))
 }
 
 /// Opens the local file `path` as [`Opened::open`] would (refused if

@@ -344,6 +344,40 @@ pub enum StreamError {
         #[source]
         source: sparsekit_qcow2::StreamError,
     },
+    /// A raw stream could not be read (or decompressed).
+    #[error("{name}: reading{} at image offset {offset:#x}", compression.map_or(String::new(), |c| format!(" {c} data")))]
+    Read {
+        /// Where the stream comes from.
+        name: String,
+        /// How it is compressed.
+        compression: Option<crate::Compression>,
+        /// Bytes of the image read before the error.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A raw stream went on past its size or past the destination's end.
+    #[error("{name}: the image goes on past {limit} bytes, {}", if *exact { "the size it was given" } else { "the room in the destination" })]
+    TooLong {
+        /// Where the stream comes from.
+        name: String,
+        /// Where it had to end.
+        limit: u64,
+        /// The limit is the size it was given (`--size`, a bmap's
+        /// ImageSize), not the destination's end.
+        exact: bool,
+    },
+    /// A raw stream ended before the size it was given.
+    #[error("{name}: the image ended after {got} bytes, but it was to be {want} bytes: cut short?")]
+    Short {
+        /// Where the stream comes from.
+        name: String,
+        /// Bytes it had.
+        got: u64,
+        /// Bytes it was to have.
+        want: u64,
+    },
     /// The stream could not be written.
     #[error("writing a qcow2 stream to {name}")]
     Encode {

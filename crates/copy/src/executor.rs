@@ -116,7 +116,8 @@ impl<'a> Planner<'a> {
         self.current.map_or(self.handed_out, |e| e.offset)
     }
 
-    fn next(&mut self) -> Option<Result<Item, Error>> {
+    /// The next item, or the error that ends the plan.
+    pub(crate) fn next(&mut self) -> Option<Result<Item, Error>> {
         if self.done {
             return None;
         }

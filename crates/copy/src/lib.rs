@@ -45,6 +45,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod compressed;
 mod copy;
 mod dest;
 mod endpoint;
@@ -57,12 +58,14 @@ mod nbd_sink;
 pub mod plan;
 mod progress;
 mod qcow2;
+mod raw_stream;
 mod sink;
 mod source;
 mod stream;
 mod sys;
 mod verify;
 
+pub use compressed::Compression;
 pub use dest::{DestKind, DestOptions, Destination};
 pub use endpoint::{
     FileId, Format, OpenOptions, Opened, Purpose, Role, Spec, StreamSource, open_local,

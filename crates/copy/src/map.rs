@@ -64,6 +64,12 @@ pub enum Description {
         /// Virtual size in bytes.
         size: u64,
     },
+    /// A raw image read forward: raw bytes on standard input, or a
+    /// compressed image.
+    RawStream {
+        /// How it is compressed.
+        compression: Option<crate::Compression>,
+    },
 }
 
 /// An error that stopped a map, and where it stopped.
@@ -130,6 +136,9 @@ impl Opened {
             Opened::Stream(s) => Description::Stream {
                 size: s.decoder.virtual_size(),
             },
+            Opened::RawStream(s) => Description::RawStream {
+                compression: s.compression,
+            },
         }
     }
 
@@ -175,7 +184,9 @@ impl Opened {
                     .coalesce();
                 prefetch(extents, |it| consume(&mut it.map(|r| r.map(plain))))
             }
-            Opened::Stream(_) => consume(&mut std::iter::once(Err(not_mappable()))),
+            Opened::Stream(_) | Opened::RawStream(_) => {
+                consume(&mut std::iter::once(Err(not_mappable())))
+            }
         }
     }
 
@@ -204,7 +215,9 @@ impl Opened {
                     .map(|r| r.map(|e| qemu_img_map_entry(&e)).map_err(SourceError::from));
                 prefetch(entries, |it| consume(&mut Merge::new(it)))
             }
-            Opened::Stream(_) => consume(&mut std::iter::once(Err(not_mappable()))),
+            Opened::Stream(_) | Opened::RawStream(_) => {
+                consume(&mut std::iter::once(Err(not_mappable())))
+            }
         }
     }
 
@@ -251,16 +264,19 @@ impl Opened {
                     "--context maps a meta context of an NBD export; this is a local file"
                 },
             }),
-            Opened::Stream(_) => Err(MapError::NotApplicable {
+            Opened::Stream(_) | Opened::RawStream(_) => Err(MapError::NotApplicable {
                 name: self.name().to_owned(),
-                why: "a stream on standard input has no map",
+                why: NOT_MAPPABLE,
             }),
         }
     }
 }
 
+const NOT_MAPPABLE: &str = "a stream (standard input, or a compressed image) can only be read \
+     forward and has no map; `-f raw` maps a compressed file's own bytes";
+
 fn not_mappable() -> SourceError {
-    "a stream on standard input has no map".into()
+    NOT_MAPPABLE.into()
 }
 
 /// The qcow2 crate's map entries of `range`, as a stream.

@@ -16,6 +16,7 @@ use crate::error::{DestState, Error, Failed, PlanError};
 use crate::evict::{Evict, dirty_thresholds, evict_by_default};
 use crate::nbd_sink::NbdSink;
 use crate::progress::Progress;
+use crate::raw_stream::Length;
 use crate::sink::{DestMode, FileSink, Sink};
 use crate::source::{RawSource, Source};
 
@@ -123,6 +124,8 @@ pub struct Request {
     pub keep_partial: bool,
     /// What to write.
     pub output: Output,
+    /// The size of a raw stream, known ahead: it must be exactly this long.
+    pub size: Option<u64>,
 }
 
 impl Request {
@@ -214,6 +217,13 @@ pub enum Kind {
     Copy,
     /// A qcow2 stream on standard input into a raw file or device.
     Import,
+    /// A raw image read forward (standard input, a compressed image) into
+    /// a file, device or NBD export.
+    ImportRaw,
+    /// A random-access source out as raw bytes on standard output.
+    WriteOut,
+    /// A raw image read forward out as raw bytes on standard output.
+    PipeOut,
     /// A random-access source out as a qcow2 stream.
     Export {
         /// log2 of the stream's cluster size.
@@ -233,6 +243,8 @@ pub struct Plan {
     dest_is_zero: bool,
     verify: bool,
     keep_partial: bool,
+    /// How long a raw stream may or must be.
+    length: Length,
 }
 
 impl Plan {
@@ -245,7 +257,7 @@ impl Plan {
             return Err(PlanError::ChunkSize { size: c });
         }
         let kind = kind(&source, &dest, req)?;
-        let size = source.size();
+        let size = req.size.unwrap_or(source.size());
         let name = source.name().to_owned();
         if req.skip > size {
             return Err(PlanError::SkipPastEnd {
@@ -295,6 +307,17 @@ impl Plan {
         }
         check_dest(&source, &dest, req, dest_end)?;
         dest.lock().map_err(PlanError::Locked)?;
+        // A raw stream's end is known only when it comes; it may not go
+        // past a device's or an export's end.
+        let length = Length {
+            exact: req.size,
+            room: match dest.kind() {
+                Some(DestKind::BlockDevice | DestKind::Nbd) => {
+                    dest.size().map(|s| s.saturating_sub(dest_offset))
+                }
+                _ => None,
+            },
+        };
         let nbd = matches!(source, Opened::Nbd(_));
         let jobs = req
             .jobs
@@ -341,6 +364,7 @@ impl Plan {
             dest_is_zero: req.dest_is_zero,
             verify: req.verify,
             keep_partial: req.keep_partial,
+            length,
         })
     }
 
@@ -404,6 +428,7 @@ impl Plan {
             dest_is_zero,
             verify,
             keep_partial,
+            length,
         } = self;
         let dest_end = settings.dest_offset + (settings.range.end - settings.range.start);
         match kind {
@@ -429,7 +454,25 @@ impl Plan {
                     elapsed: t.elapsed(),
                 })
             }
-            Kind::Copy | Kind::Import => {
+            Kind::WriteOut | Kind::PipeOut => {
+                let out = stdout_file().map_err(|e| Failed::new(0, 0, e))?;
+                let stats = match source {
+                    Opened::RawStream(s) => {
+                        crate::raw_stream::pipe_out(*s, out, &settings, length, progress, stop)?
+                    }
+                    ref other => {
+                        let src = other.random_access().expect("planned for random access");
+                        crate::raw_stream::write_out(src, out, &settings, progress, stop)?
+                    }
+                };
+                Ok(Report {
+                    stats,
+                    export: None,
+                    verified: false,
+                    elapsed: t.elapsed(),
+                })
+            }
+            Kind::Copy | Kind::Import | Kind::ImportRaw => {
                 let fail = |e| Failed::new(settings.range.start, 0, e);
                 let sink = match dest.into_target() {
                     DestTarget::Local(local) => Sink::File(
@@ -437,8 +480,9 @@ impl Plan {
                     ),
                     DestTarget::Nbd(export) => {
                         let sink = NbdSink::new(*export, dest_is_zero);
-                        // An incremental copy touches only its dirty ranges.
-                        if settings.bitmap.is_none() {
+                        // An incremental copy touches only its dirty ranges;
+                        // a raw stream zeroes its zero blocks as they come.
+                        if settings.bitmap.is_none() && kind != Kind::ImportRaw {
                             sink.zero_fast(settings.dest_offset..dest_end)
                                 .map_err(fail)?;
                         }
@@ -447,6 +491,9 @@ impl Plan {
                     DestTarget::Stdout => unreachable!("planned for a raw destination"),
                 };
                 let r = match source {
+                    Opened::RawStream(s) => crate::raw_stream::import(
+                        *s, &sink, &settings, length, None, progress, stop,
+                    ),
                     Opened::Stream(s) => {
                         let s = *s;
                         // Clusters the stream does not hold must read as
@@ -494,15 +541,41 @@ impl Plan {
     }
 }
 
+/// Standard output as a file (a duplicate of its descriptor): raw bytes
+/// go out unbuffered, in large writes.
+fn stdout_file() -> Result<std::fs::File, Error> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout().as_fd().try_clone_to_owned();
+    fd.map(std::fs::File::from)
+        .map_err(|source| Error::OpenDest {
+            path: "standard output".into(),
+            what: "duplicating the descriptor",
+            source,
+        })
+}
+
 /// Which kind of plan `source`, `dest` and `req` make, or why they make
 /// none.
 fn kind(source: &Opened, dest: &Destination, req: &Request) -> Result<Kind, PlanError> {
+    use std::io::IsTerminal;
+    if dest.is_stdout() && std::io::stdout().is_terminal() {
+        return Err(PlanError::NotApplicable(
+            "standard output is a terminal: redirect it to a file or a pipe",
+        ));
+    }
+    let raw_stream = matches!(source, Opened::RawStream(_));
     let random = source.random_access().is_some();
+    if req.size.is_some() && !raw_stream {
+        return Err(PlanError::NotApplicable(
+            "--size gives the size of a raw stream; this source knows its own",
+        ));
+    }
     match req.output {
         Output::Qcow2 { cluster_bits } => {
             if !random {
                 return Err(PlanError::NotApplicable(
-                    "a qcow2 stream on standard input is written to a raw file or device",
+                    "-O qcow2 needs a source with a map: a stream on standard input or a \
+                     compressed image is written raw",
                 ));
             }
             if req.bitmap.is_some()
@@ -524,31 +597,38 @@ fn kind(source: &Opened, dest: &Destination, req: &Request) -> Result<Kind, Plan
             Ok(Kind::Export { cluster_bits })
         }
         Output::Raw if !random => {
-            if req.bitmap.is_some()
-                || req.offset.is_some()
-                || req.skip != 0
-                || req.length.is_some()
-                || req.no_create
-            {
+            if req.bitmap.is_some() || req.skip != 0 || req.length.is_some() || req.verify {
                 return Err(PlanError::NotApplicable(
-                    "--bitmap, --offset, --skip, --length and -n do not apply to a stream",
+                    "--bitmap, --skip, --length and --verify do not apply to a stream",
                 ));
             }
-            if dest.is_stdout() {
+            if !raw_stream && (req.offset.is_some() || req.no_create) {
                 return Err(PlanError::NotApplicable(
-                    "a stream on standard input is written to a raw file or device",
+                    "--offset and -n do not apply to a qcow2 stream",
                 ));
             }
-            Ok(Kind::Import)
+            match (raw_stream, dest.is_stdout()) {
+                (false, true) => Err(PlanError::NotApplicable(
+                    "a qcow2 stream on standard input is written to a raw file, device or NBD \
+                     export, not to standard output (its clusters come out of order)",
+                )),
+                (false, false) => Ok(Kind::Import),
+                (true, true) if req.offset.is_some() || req.no_create => Err(
+                    PlanError::NotApplicable("--offset and -n do not apply to standard output"),
+                ),
+                (true, true) => Ok(Kind::PipeOut),
+                (true, false) => Ok(Kind::ImportRaw),
+            }
         }
-        Output::Raw => {
-            if dest.is_stdout() {
+        Output::Raw if dest.is_stdout() => {
+            if req.bitmap.is_some() || req.offset.is_some() || req.no_create || req.verify {
                 return Err(PlanError::NotApplicable(
-                    "writing raw data to standard output is not supported; use -O qcow2 for a stream",
+                    "--bitmap, --offset, -n and --verify do not apply to standard output",
                 ));
             }
-            Ok(Kind::Copy)
+            Ok(Kind::WriteOut)
         }
+        Output::Raw => Ok(Kind::Copy),
     }
 }
 

@@ -150,6 +150,27 @@ impl Sink {
         }
     }
 
+    /// Grows a regular file to `end` bytes if it is shorter: a stream of
+    /// unknown length may end in zeros that were left as holes.
+    pub(crate) fn fit(&self, end: u64) -> Result<(), Error> {
+        let Sink::File(f) = self else { return Ok(()) };
+        if f.kind != DestKind::Regular {
+            return Ok(());
+        }
+        let fail = |what| {
+            move |source| Error::OpenDest {
+                path: f.path.clone(),
+                what,
+                source,
+            }
+        };
+        let len = f.file.metadata().map_err(fail("examining"))?.len();
+        if len < end {
+            f.file.set_len(end).map_err(fail("sizing"))?;
+        }
+        Ok(())
+    }
+
     /// The end of a copy: flushed to stable storage where asked
     /// (`flush`), and always for a block device (whose cache the kernel
     /// would otherwise write back at close) and an NBD export (whose
@@ -182,7 +203,8 @@ pub(crate) struct FileSink {
     _lock: Option<WriteLock>,
 }
 
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+/// A megabyte of zeros, to write where zeroing cannot be asked for.
+pub(crate) static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 impl FileSink {
     /// Opens the inspected destination `dest` for a copy that writes bytes

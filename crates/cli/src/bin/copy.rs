@@ -19,19 +19,27 @@ use sparsekit_copy::{Destination, Opened, Plan, Purpose, Request, Spec, stop_on_
 #[derive(Debug, clap::Parser)]
 #[command(name = "copy", version)]
 struct Args {
-    /// A regular file, block device or qcow2 image (the format is detected
-    /// by magic), an NBD URI (nbd://HOST/EXPORT or nbd://HOST:PORT/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH), or `-`: a forward-only qcow2 stream
-    /// on standard input.
+    /// A regular file, block device, qcow2 image or raw image compressed
+    /// with gzip, xz, zstd or bzip2 (all detected by magic), an NBD URI
+    /// (nbd://HOST/EXPORT or nbd://HOST:PORT/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH), or `-`: standard input, read
+    /// forward: a qcow2 stream, or raw bytes, compressed or not.
     source: String,
     /// A regular file (created or truncated), a block device, an NBD URI
     /// (the export is written in place: it must be writable and large
-    /// enough; the rest of it is left alone), or `-` with `-O qcow2`:
-    /// standard output.
+    /// enough; the rest of it is left alone), or `-`: standard output (the
+    /// raw image, holes as zeros; with `-O qcow2`, a qcow2 stream).
     dest: String,
-    /// The source's format, instead of detecting it.
+    /// The source's format, instead of detecting it: `-f raw` takes the
+    /// bytes as they are (no qcow2 or compression magic looked for).
     #[arg(short = 'f', long, value_enum)]
     format: Option<FormatArg>,
+    /// The size of a raw stream (standard input, a compressed image), when
+    /// known ahead: a new file is sized at once, and a stream that ends
+    /// before or goes on past it is an error. Without it the size is what
+    /// arrives.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
     #[command(flatten)]
     image: ImageArgs,
     /// Worker threads (default: four per core, between 4 and 16; from NBD,
@@ -150,5 +158,6 @@ fn request(args: &Args) -> Request {
         verify: args.verify,
         keep_partial: args.keep_partial,
         output: args.output_format.into(),
+        size: args.size,
     }
 }
