@@ -44,6 +44,10 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("cp", "coreutils"),
     ("cmp", "diffutils"),
     ("openssl", "openssl"),
+    ("gzip", "gzip"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("bzip2", "bzip2"),
 ];
 
 /// The workspace root.
