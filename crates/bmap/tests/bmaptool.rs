@@ -126,6 +126,19 @@ fn ours(image: &Path, kind: ChecksumType) -> Bmap {
         .unwrap()
 }
 
+/// This crate's bmap of `image` made from the byte ranges written into it,
+/// unaligned and unmerged: the blocks they touch are the blocks ext4
+/// allocates for them, so this must be bmaptool's bmap too.
+fn ours_from_writes(image: &Path, writes: &[(u64, u64)]) -> Bmap {
+    let size = fs::metadata(image).unwrap().len();
+    let mut extents: Vec<_> = writes.iter().map(|&(o, l)| o..o + l).collect();
+    extents.sort_by_key(|e| e.start);
+    Creator::new(size, extents)
+        .unwrap()
+        .hash(reader(image))
+        .unwrap()
+}
+
 /// A sparse file of `size` bytes with random bytes written at `writes`.
 fn sparse(dir: &Path, name: &str, size: u64, writes: &[(u64, u64)], seed: u64) -> PathBuf {
     let path = dir.join(name);
@@ -196,22 +209,25 @@ fn check_image(image: &Path) {
 fn holes_data_and_a_partial_last_block() {
     let dir = tempfile::tempdir().unwrap();
     let size = 10 * MIB + 1234;
-    let image = sparse(
-        dir.path(),
-        "mixed.img",
-        size,
-        &[
-            (0, 4096),
-            (MIB, MIB / 2),
-            (5 * MIB + 100, 100),
-            (5 * MIB + 4000, 200),
-            (size - 10, 10),
-        ],
-        1,
-    );
+    // Unaligned writes, two of them in neighbouring blocks.
+    let writes = [
+        (0, 4096),
+        (MIB, MIB / 2),
+        (5 * MIB + 100, 100),
+        (5 * MIB + 4000, 200),
+        (size - 10, 10),
+    ];
+    let image = sparse(dir.path(), "mixed.img", size, &writes, 1);
     check_image(&image);
+    let b = ours_from_writes(&image, &writes);
+    let spans: Vec<_> = b.ranges().iter().map(|r| (r.first, r.last)).collect();
+    assert_eq!(spans, [(0, 0), (256, 383), (1280, 1281), (2560, 2560)]);
+    assert_same_text(
+        b.to_xml().as_bytes(),
+        &bmaptool_create(&image, &[]),
+        "from writes",
+    );
     // The last range is the partial block, hashed up to ImageSize.
-    let b = Bmap::parse(&bmaptool_create(&image, &[]), "x").unwrap();
     let (bytes, _) = b.byte_ranges().last().unwrap();
     assert_eq!(bytes, 10 * MIB..size);
 }
@@ -295,6 +311,8 @@ fn random_layouts() {
             seed,
         );
         check_image(&image);
+        let theirs = Bmap::parse(&bmaptool_create(&image, &[]), "x").unwrap();
+        assert_eq!(ours_from_writes(&image, &writes), theirs, "seed {seed}");
     }
 }
 
