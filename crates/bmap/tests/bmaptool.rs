@@ -209,19 +209,24 @@ fn check_image(image: &Path) {
 fn holes_data_and_a_partial_last_block() {
     let dir = tempfile::tempdir().unwrap();
     let size = 10 * MIB + 1234;
-    // Unaligned writes, two of them in neighbouring blocks.
+    // Unaligned writes: two in neighbouring blocks, two sharing a block.
     let writes = [
         (0, 4096),
         (MIB, MIB / 2),
         (5 * MIB + 100, 100),
-        (5 * MIB + 4000, 200),
+        (5 * MIB + 4096 + 50, 200),
+        (7 * MIB + 10, 10),
+        (7 * MIB + 30, 4096),
         (size - 10, 10),
     ];
     let image = sparse(dir.path(), "mixed.img", size, &writes, 1);
     check_image(&image);
     let b = ours_from_writes(&image, &writes);
     let spans: Vec<_> = b.ranges().iter().map(|r| (r.first, r.last)).collect();
-    assert_eq!(spans, [(0, 0), (256, 383), (1280, 1281), (2560, 2560)]);
+    assert_eq!(
+        spans,
+        [(0, 0), (256, 383), (1280, 1281), (1792, 1793), (2560, 2560)]
+    );
     assert_same_text(
         b.to_xml().as_bytes(),
         &bmaptool_create(&image, &[]),
