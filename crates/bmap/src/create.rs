@@ -435,7 +435,7 @@ mod tests {
             })
             .unwrap();
         let calls = calls.into_inner().unwrap();
-        assert!(calls.iter().all(|&(_, len)| len <= PIECE && len > 0));
+        assert!(calls.iter().all(|&(_, len)| len <= 1 << 20 && len > 0));
         for (bytes, _) in b.byte_ranges() {
             // This range's reads, in the order made: contiguous, covering it.
             let mut at = bytes.start;
