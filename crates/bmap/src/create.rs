@@ -317,7 +317,9 @@ mod tests {
         let mapped: Vec<bool> = (0..blocks)
             .map(|b| {
                 let (lo, hi) = (b * block_size, (b + 1) * block_size);
-                extents.iter().any(|e| !e.is_empty() && e.start < hi && lo < e.end)
+                extents
+                    .iter()
+                    .any(|e| !e.is_empty() && e.start < hi && lo < e.end)
             })
             .collect();
         let mut out: Vec<(u64, u64)> = Vec::new();

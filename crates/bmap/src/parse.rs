@@ -264,7 +264,9 @@ impl Parser<'_> {
             }
             let checksum = match (checksum_type, attribute) {
                 (Some(kind), Some(attribute)) => match node.attribute(attribute) {
-                    None => None,
+                    // bmaptool verifies a range only `if chksum`: an empty
+                    // attribute is no checksum.
+                    None | Some("") => None,
                     // Not trimmed: bmaptool compares the attribute as it is.
                     Some(value) => Some(Digest::from_hex(kind, value).ok_or_else(|| {
                         let value = value.to_owned();
@@ -723,6 +725,80 @@ pub(crate) mod tests {
             .replacen("<BlocksCount> 3 ", "<BlocksCount> 10 ", 1);
         let b = parse(&reseal(&text)).unwrap();
         assert_eq!(b.byte_ranges().nth(1).unwrap().0, 2000..3000);
+    }
+
+    #[test]
+    fn an_empty_checksum_attribute_is_no_checksum_as_in_bmaptool() {
+        let text = v2().replacen("<Range> 2 </Range>", "<Range chksum=\"\"> 2 </Range>", 1);
+        assert_eq!(parse(&reseal(&text)).unwrap().ranges()[1].checksum, None);
+    }
+
+    /// Mutations of valid files: the parser never panics, and what it
+    /// accepts keeps the invariants [`Bmap`] promises.
+    #[test]
+    fn mutated_files_are_refused_or_valid_never_a_panic() {
+        let bases = [
+            v2().replacen("version=\"2.0\"", "version=\"1.2\"", 1),
+            reseal(&v2()),
+            reseal(&v1_3()),
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rand = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let pieces: [&[u8]; 8] = [
+            b"0",
+            b"9",
+            b"-",
+            b" ",
+            b"<",
+            b"18446744073709551616",
+            b"<Range> 1 </Range>",
+            b"\xff",
+        ];
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let mut t = bases[i % bases.len()].clone().into_bytes();
+            for _ in 0..1 + rand(3) {
+                let at = rand(t.len());
+                match rand(4) {
+                    0 => t[at] = t[rand(t.len())],
+                    1 => {
+                        let end = (at + 1 + rand(8)).min(t.len());
+                        t.drain(at..end);
+                    }
+                    2 => {
+                        let p = pieces[rand(pieces.len())];
+                        t.splice(at..at, p.iter().copied());
+                    }
+                    _ => t[at] = t[at].wrapping_add(1),
+                }
+            }
+            if let Ok(b) = Bmap::parse(&t, "fuzz") {
+                accepted += 1;
+                let mut sum = 0;
+                for (k, r) in b.ranges().iter().enumerate() {
+                    assert!(r.first <= r.last && r.last < b.blocks_count());
+                    if k > 0 {
+                        assert!(b.ranges()[k - 1].last < r.first);
+                    }
+                    if let Some(d) = r.checksum {
+                        assert_eq!(Some(d.checksum_type()), b.checksum_type());
+                    }
+                    sum += r.blocks();
+                }
+                assert_eq!(sum, b.mapped_blocks_count());
+                assert_eq!(b.blocks_count(), b.image_size().div_ceil(b.block_size()));
+                // And it writes a 2.0 file that reads back the same.
+                let again = Bmap::parse(b.to_xml().as_bytes(), "again").unwrap();
+                assert_eq!(again.ranges(), b.ranges());
+            }
+        }
+        // Some mutations (whitespace, comments) are harmless.
+        assert!(accepted > 100, "{accepted}");
     }
 
     #[test]
