@@ -198,6 +198,9 @@ impl Parser<'_> {
         if image_size == 0 {
             return Err(fail(image_node, K::ZeroImageSize));
         }
+        // Any other block size is taken, a power of two or not: bmaptool
+        // copies with one of 1000 (tests/bmaptool.rs), and here it is only
+        // ever a multiplier.
         if block_size == 0 {
             return Err(fail(block_node, K::ZeroBlockSize));
         }
