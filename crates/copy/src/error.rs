@@ -119,6 +119,29 @@ pub enum PlanError {
         /// The size asked for.
         size: u64,
     },
+    /// The bmap file could not be read.
+    #[error("{}: reading the bmap", path.display())]
+    BmapRead {
+        /// The bmap file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The bmap file is not one that can be trusted to describe an image.
+    #[error(transparent)]
+    Bmap(Box<sparsekit_bmap::BmapError>),
+    /// The bmap describes an image of another size.
+    #[error("{bmap}: not the bmap of {source_name}")]
+    BmapSize {
+        /// The bmap file.
+        bmap: String,
+        /// The source.
+        source_name: String,
+        /// The sizes.
+        #[source]
+        source: sparsekit_bmap::ImageSizeMismatch,
+    },
     /// The destination is the source, or one of the files it reads.
     #[error("{}: the destination is the source file", path.display())]
     SameFile {
@@ -305,6 +328,19 @@ pub enum Error {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// A range of the image does not hash to its checksum in the bmap.
+    #[error("{bmap}: bytes {start:#x}..{end:#x} of the image do not match the bmap")]
+    Checksum {
+        /// The bmap file.
+        bmap: String,
+        /// First byte of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+        /// The checksums.
+        #[source]
+        source: sparsekit_bmap::RangeChecksumMismatch,
     },
     /// A stop was requested (SIGINT, SIGTERM).
     #[error("interrupted")]

@@ -45,6 +45,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bmap;
 mod compressed;
 mod copy;
 mod dest;

@@ -272,6 +272,49 @@ impl Opened {
     }
 }
 
+impl Opened {
+    /// The source, where it has a map: not a stream.
+    pub fn mappable(&self) -> Result<&dyn Source, MapError> {
+        self.random_access().ok_or_else(|| MapError::NotApplicable {
+            name: self.name().to_owned(),
+            why: NOT_MAPPABLE,
+        })
+    }
+
+    /// The bmap of the whole source, as `bmaptool create` makes it of a
+    /// file: the 4096-byte blocks that touch allocated ranges (data, and
+    /// allocated zeros such as unwritten extents, which bmaptool lists
+    /// too), each range with the SHA-256 of its bytes, hashed in parallel
+    /// on the rayon pool. The map is checked whole first.
+    pub fn bmap(&self) -> Result<sparsekit_bmap::Bmap, MapError> {
+        let src = self.mappable()?;
+        let size = src.size();
+        let stopped = |offset, source| MapError::Stopped {
+            name: self.name().to_owned(),
+            offset,
+            source,
+        };
+        let mut checker = sparsekit_extent::MapChecker::new(0..size);
+        let mut allocated = Vec::new();
+        for e in src.extents(0..size).coalesce() {
+            let e = e.map_err(|e| stopped(checker.position(), e))?;
+            let at = e.offset;
+            checker.push(&e).map_err(|err| stopped(at, Box::new(err)))?;
+            if e.kind != Kind::Hole {
+                allocated.push(e.range());
+            }
+        }
+        checker
+            .finish()
+            .map_err(|err| stopped(size, Box::new(err)))?;
+        let creator =
+            sparsekit_bmap::Creator::new(size, allocated).map_err(|e| stopped(0, Box::new(e)))?;
+        creator
+            .hash(|buf: &mut [u8], offset: u64| src.read_at(buf, offset))
+            .map_err(|e| stopped(e.offset, e.source))
+    }
+}
+
 const NOT_MAPPABLE: &str = "a stream (standard input, or a compressed image) can only be read \
      forward and has no map; `-f raw` maps a compressed file's own bytes";
 

@@ -10,13 +10,14 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use crate::bmap::{Listed, StreamRanges, copy_ranges};
 use crate::dest::{DestKind, DestTarget, Destination, LocalDest, create_locked};
 use crate::endpoint::Opened;
 use crate::error::{DestState, Error, Failed, PlanError};
 use crate::evict::{Evict, dirty_thresholds, evict_by_default};
 use crate::nbd_sink::NbdSink;
 use crate::progress::Progress;
-use crate::raw_stream::Length;
+use crate::raw_stream::{Length, Select};
 use crate::sink::{DestMode, FileSink, Sink};
 use crate::source::{RawSource, Source};
 
@@ -126,6 +127,9 @@ pub struct Request {
     pub output: Output,
     /// The size of a raw stream, known ahead: it must be exactly this long.
     pub size: Option<u64>,
+    /// Copy only the ranges this bmap file lists, checking their
+    /// checksums; the rest of the destination is not touched.
+    pub bmap: Option<std::path::PathBuf>,
 }
 
 impl Request {
@@ -245,6 +249,8 @@ pub struct Plan {
     keep_partial: bool,
     /// How long a raw stream may or must be.
     length: Length,
+    /// The bmap whose ranges are copied.
+    listed: Option<Listed>,
 }
 
 impl Plan {
@@ -257,7 +263,33 @@ impl Plan {
             return Err(PlanError::ChunkSize { size: c });
         }
         let kind = kind(&source, &dest, req)?;
-        let size = req.size.unwrap_or(source.size());
+        let listed = match &req.bmap {
+            None => None,
+            Some(path) => Some(Listed::read(path)?),
+        };
+        let image_size = listed.as_ref().map(|l| l.bmap.image_size());
+        if let (Some(l), Some(s)) = (&listed, source.random_access()) {
+            l.bmap
+                .check_image_size(s.size())
+                .map_err(|e| PlanError::BmapSize {
+                    bmap: l.name.clone(),
+                    source_name: s.name().to_owned(),
+                    source: e,
+                })?;
+        }
+        if let (Some(l), Some(want)) = (&listed, req.size)
+            && Some(want) != image_size
+        {
+            return Err(PlanError::BmapSize {
+                bmap: l.name.clone(),
+                source_name: format!("the --size {want} image"),
+                source: sparsekit_bmap::ImageSizeMismatch {
+                    bmap: l.bmap.image_size(),
+                    image: want,
+                },
+            });
+        }
+        let size = req.size.or(image_size).unwrap_or(source.size());
         let name = source.name().to_owned();
         if req.skip > size {
             return Err(PlanError::SkipPastEnd {
@@ -310,7 +342,7 @@ impl Plan {
         // A raw stream's end is known only when it comes; it may not go
         // past a device's or an export's end.
         let length = Length {
-            exact: req.size,
+            exact: req.size.or(image_size),
             room: match dest.kind() {
                 Some(DestKind::BlockDevice | DestKind::Nbd) => {
                     dest.size().map(|s| s.saturating_sub(dest_offset))
@@ -338,8 +370,9 @@ impl Plan {
             None => {
                 let thresholds = dirty_thresholds();
                 let ceiling = thresholds.map_or(0, |t| t.free_run());
-                let data = match (&kind, source.random_access()) {
-                    (Kind::Copy, Some(s)) => s.data_bytes(range.clone(), ceiling),
+                let data = match (&kind, source.random_access(), &listed) {
+                    (_, _, Some(l)) => Some(l.bmap.mapped_bytes()),
+                    (Kind::Copy, Some(s), _) => s.data_bytes(range.clone(), ceiling),
                     _ => None,
                 };
                 evict_by_default(data, thresholds)
@@ -365,6 +398,7 @@ impl Plan {
             verify: req.verify,
             keep_partial: req.keep_partial,
             length,
+            listed,
         })
     }
 
@@ -429,6 +463,7 @@ impl Plan {
             verify,
             keep_partial,
             length,
+            listed,
         } = self;
         let dest_end = settings.dest_offset + (settings.range.end - settings.range.start);
         match kind {
@@ -480,9 +515,11 @@ impl Plan {
                     ),
                     DestTarget::Nbd(export) => {
                         let sink = NbdSink::new(*export, dest_is_zero);
-                        // An incremental copy touches only its dirty ranges;
-                        // a raw stream zeroes its zero blocks as they come.
-                        if settings.bitmap.is_none() && kind != Kind::ImportRaw {
+                        // An incremental copy touches only its dirty ranges,
+                        // a bmap copy its listed ones; a raw stream zeroes
+                        // its zero blocks as they come.
+                        if settings.bitmap.is_none() && listed.is_none() && kind != Kind::ImportRaw
+                        {
                             sink.zero_fast(settings.dest_offset..dest_end)
                                 .map_err(fail)?;
                         }
@@ -491,9 +528,13 @@ impl Plan {
                     DestTarget::Stdout => unreachable!("planned for a raw destination"),
                 };
                 let r = match source {
-                    Opened::RawStream(s) => crate::raw_stream::import(
-                        *s, &sink, &settings, length, None, progress, stop,
-                    ),
+                    Opened::RawStream(s) => {
+                        let mut ranges = listed.as_ref().map(StreamRanges::new);
+                        let select = ranges.as_mut().map(|r| r as &mut dyn Select);
+                        crate::raw_stream::import(
+                            *s, &sink, &settings, length, select, progress, stop,
+                        )
+                    }
                     Opened::Stream(s) => {
                         let s = *s;
                         // Clusters the stream does not hold must read as
@@ -508,6 +549,11 @@ impl Plan {
                                 s.decoder, &s.name, &sink, &settings, progress, stop,
                             )
                         })
+                    }
+                    ref other if listed.is_some() => {
+                        let src = other.random_access().expect("random access");
+                        let listed = listed.as_ref().expect("a bmap");
+                        copy_ranges(src, &sink, listed, &settings, progress, stop)
                     }
                     ref other => {
                         let src = other.random_access().expect("random access");
@@ -565,6 +611,27 @@ fn kind(source: &Opened, dest: &Destination, req: &Request) -> Result<Kind, Plan
     }
     let raw_stream = matches!(source, Opened::RawStream(_));
     let random = source.random_access().is_some();
+    if req.bmap.is_some() {
+        if !(random || raw_stream) {
+            return Err(PlanError::NotApplicable(
+                "--bmap copies a raw image: a qcow2 stream's clusters come out of order",
+            ));
+        }
+        if dest.is_stdout()
+            || req.output != Output::Raw
+            || req.bitmap.is_some()
+            || req.skip != 0
+            || req.length.is_some()
+            || req.offset.is_some()
+            || req.verify
+        {
+            return Err(PlanError::NotApplicable(
+                "--bmap writes the listed ranges of a raw image into a file, device or export \
+                 (each range checked by its checksum): standard output, -O qcow2, --bitmap, \
+                 --skip, --length, --offset and --verify do not apply",
+            ));
+        }
+    }
     if req.size.is_some() && !raw_stream {
         return Err(PlanError::NotApplicable(
             "--size gives the size of a raw stream; this source knows its own",

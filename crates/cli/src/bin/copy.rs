@@ -105,6 +105,14 @@ struct Args {
     /// ranges are zeroed, the rest of DEST is left alone.
     #[arg(long, value_name = "NAME")]
     bitmap: Option<String>,
+    /// Copy only the ranges the bmap FILE lists (bmaptool's formats 1.x and
+    /// 2.0, SHA-1 or SHA-256), checking each range's checksum as it is
+    /// copied and the file's own checksum first; the rest of DEST is not
+    /// touched. An IMAGE.bmap lying beside the image is not picked up, as
+    /// bmaptool would: a bmap decides what is never written, so it is used
+    /// only when named.
+    #[arg(long, value_name = "FILE")]
+    bmap: Option<std::path::PathBuf>,
     /// Bytes per work item and per worker buffer, 4k to 1G (default: 1M
     /// from a raw file or device or from NBD, 256k otherwise).
     #[arg(long, value_parser = parse_size)]
@@ -159,5 +167,6 @@ fn request(args: &Args) -> Request {
         keep_partial: args.keep_partial,
         output: args.output_format.into(),
         size: args.size,
+        bmap: args.bmap.clone(),
     }
 }

@@ -40,6 +40,11 @@ struct Args {
     /// `qemu:dirty-bitmap:NAME`).
     #[arg(long, value_name = "NAME", conflicts_with = "context")]
     bitmap: Option<String>,
+    /// Print the bmap of SOURCE, as `bmaptool create` writes it (format
+    /// 2.0, 4 KiB blocks, SHA-256 of each range, hashed in parallel), for
+    /// `copy --bmap` or `bmaptool copy --bmap`.
+    #[arg(long, conflicts_with_all = ["json", "context", "bitmap", "start", "length"])]
+    bmap: bool,
     /// NBD: map this meta context (e.g. `qemu:dirty-bitmap:NAME`,
     /// `qemu:allocation-depth`); with --json as `nbdinfo --map=CTX --json`.
     #[arg(long, value_name = "CTX")]
@@ -58,9 +63,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .or_else(|| (args.bitmap.as_ref()).map(|b| format!("qemu:dirty-bitmap:{b}")));
     let mut open = args.image.open_options(args.format, Purpose::Map);
     open.contexts.extend(context.clone());
+    if args.bmap {
+        // Ranges are hashed in parallel: one connection each.
+        open.connections = sparsekit_copy::plan::nbd_connections(None);
+    }
     let src = Opened::open(&Spec::parse(&args.source)?, &open)?;
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     match &context {
+        None if args.bmap => src.bmap()?.write_xml(&mut out)?,
         Some(ctx) => status(&args, &src, ctx, &mut out)?,
         None if args.json => {
             let range = clamp_range(args.start, args.length, src.qemu_size());
@@ -91,6 +101,8 @@ fn stopped(src: &Opened, offset: u64, e: qemu::JsonMapError<SourceError>) -> any
 /// extent, and a summary, or the error that stopped the rows.
 fn table(args: &Args, src: &Opened, out: &mut impl Write) -> anyhow::Result<()> {
     let (name, size) = (src.name(), src.size());
+    // A stream has no rows: say so before a header that promises them.
+    src.mappable()?;
     let (head, host) = describe(name, &src.describe());
     writeln!(out, "{head}")?;
     let range = clamp_range(args.start, args.length, size);
