@@ -89,7 +89,7 @@ fn holes(path: &Path) -> serde_json::Value {
 #[test]
 fn compressed_images_copy_as_their_raw_selves() {
     let dir = tempfile::tempdir().unwrap();
-    for name in RAW {
+    for (i, name) in RAW.iter().enumerate() {
         let src = fixture(name);
         let plain = dir.path().join("plain.raw");
         ok(&copy(&[], &src, &plain), name);
@@ -101,10 +101,18 @@ fn compressed_images_copy_as_their_raw_selves() {
                 (compress(tool, &src, &z), z, *tool)
             })
             .collect();
-        for (mut child, z, tool) in children {
+        for (j, (mut child, z, tool)) in children.into_iter().enumerate() {
             assert!(child.wait().unwrap().success(), "{tool} {name}");
             let what = format!("{name} by {tool}");
-            for stdin in [false, true] {
+            // Every image from its file; from a pipe, each fixture through
+            // one of the decoders in turn (the path after the decoder is
+            // the same).
+            let pipes = if j == i % TOOLS.len() {
+                &[false, true][..]
+            } else {
+                &[false]
+            };
+            for &stdin in pipes {
                 let out = dir.path().join("out.raw");
                 let o = if stdin {
                     copy_stdin(&[], &z, &out)
