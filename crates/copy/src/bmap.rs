@@ -56,7 +56,7 @@ impl Listed {
                 bmap: self.name.clone(),
                 start: bytes.start,
                 end: bytes.end,
-                source,
+                source: Box::new(source),
             }
         })
     }

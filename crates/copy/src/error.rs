@@ -340,7 +340,7 @@ pub enum Error {
         end: u64,
         /// The checksums.
         #[source]
-        source: sparsekit_bmap::RangeChecksumMismatch,
+        source: Box<sparsekit_bmap::RangeChecksumMismatch>,
     },
     /// A stop was requested (SIGINT, SIGTERM).
     #[error("interrupted")]

@@ -168,17 +168,22 @@ impl Programs {
 }
 
 /// A folder of scratch files, removed when dropped.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> anyhow::Result<Self> {
-        let dir = testkit::generated_dir().join(".bench-copy");
+        Self::named(".bench-copy")
+    }
+
+    /// The folder `name` in the fixtures' folder, emptied.
+    pub(super) fn named(name: &str) -> anyhow::Result<Self> {
+        let dir = testkit::generated_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }

@@ -4,13 +4,15 @@
 //! - `map`: a file with 200,000 extents (here);
 //! - `copy`: the workloads of issue 4, warm and cold ([`copy`]);
 //! - the image workloads: qcow2, W3, NBD, streams ([`images`]);
-//! - restores into NBD exports, TLS against plain ([`restore`]).
+//! - restores into NBD exports, TLS against plain ([`restore`]);
+//! - bmap files and compressed images against bmaptool ([`flash`]).
 //!
 //! A child's peak RSS from wait4 starts at xtask's own peak (the child is
 //! spawned from xtask's memory), so xtask keeps its own footprint small:
 //! maps and file comparisons are streamed, never held whole.
 
 mod copy;
+mod flash;
 mod images;
 mod restore;
 
@@ -461,16 +463,22 @@ pub enum Only {
     /// Restores into NBD exports: W1 and W3 into qemu-nbd, W1 into nbdkit
     /// memory, W1 over TCP with TLS against without.
     Restore,
+    /// Flashing: bmaps of W1 and W2, copies with them, W1 compressed with
+    /// xz and zstd, against bmaptool.
+    Flash,
 }
 
 pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
-    if only == Some(Only::Restore) {
+    if let Some(only) = only {
         START.get_or_init(Instant::now);
         let load_start = load_average();
         let bin = release_build()?;
         let mut md = format!("{RATIOS}\n\n");
-        restore::run(&mut md, &bin, runs)?;
+        match only {
+            Only::Restore => restore::run(&mut md, &bin, runs)?,
+            Only::Flash => flash::run(&mut md, &bin, runs)?,
+        }
         let _ = writeln!(
             md,
             "This part took {:.1} min (`--runs {runs}`). Load average (1, 5, 15 min) when it \
@@ -582,6 +590,7 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
     copy::run(&mut md, &bin, runs)?;
     images::run(&mut md, &bin, runs)?;
     restore::run(&mut md, &bin, runs)?;
+    flash::run(&mut md, &bin, runs)?;
     let _ = writeln!(
         md,
         "The whole bench took {:.1} min. Load average (1, 5, 15 min) when it started: \
