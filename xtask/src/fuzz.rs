@@ -297,6 +297,11 @@ fn write_seeds(targets: &[&str]) -> anyhow::Result<()> {
                     put(name, bytes)?;
                 }
             }
+            "bmap" => {
+                for (name, bytes) in seeds::bmaps() {
+                    put(&name, &bytes)?;
+                }
+            }
             "nbd_client" => {
                 for (name, bytes) in seeds::nbd_transcripts() {
                     put(&name, &bytes)?;

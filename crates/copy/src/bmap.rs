@@ -67,6 +67,9 @@ fn hasher(r: &BlockRange) -> Option<Hasher> {
     r.checksum.map(|d| Hasher::new(d.checksum_type()))
 }
 
+/// Starts of the ranges being copied, and the first failure.
+type Progressing = (BTreeSet<u64>, Option<(u64, Error)>);
+
 /// Copies the ranges `listed` names from `source` to `sink` (at the same
 /// offsets), `settings.jobs` ranges at a time. Each range is read in
 /// pieces of `settings.chunk_size` by one worker, hashed in order and
@@ -85,8 +88,7 @@ pub(crate) fn copy_ranges(
     let sparse = settings.sparse && sink.zero_detection_pays();
     let counts = WriteCounts::default();
     let next = AtomicUsize::new(0);
-    // Starts of the ranges being copied, and the first failure.
-    let state: Mutex<(BTreeSet<u64>, Option<(u64, Error)>)> = Mutex::default();
+    let state: Mutex<Progressing> = Mutex::default();
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     let fail = |at: u64, e: Error| {
         let mut g = lock();
@@ -283,7 +285,7 @@ mod tests {
     fn a_changed_byte_is_named_by_its_range() {
         let mut image = vec![0u8; 50_000];
         image[20_000] = 2;
-        let l = listed(&image, vec![20_000..20_001]);
+        let l = listed(&image, std::iter::once(20_000..20_001).collect());
         image[17_000] = 9;
         for chunk in [512, 65536] {
             let e = pick(&l, &image, chunk).unwrap_err().to_string();

@@ -15,6 +15,8 @@
 //!   every bitmap's dirty ranges.
 //! - [`qcow2_stream`]: a qcow2 stream through [`StreamDecoder`], read whole
 //!   and in short reads, which must agree.
+//! - [`bmap`]: a bmap file through [`Bmap::parse`], and what it accepts
+//!   written back with [`Bmap::to_xml`] and read again.
 //! - [`nbd_client`]: what a server says, to the sans-IO [`Handshake`]
 //!   and then to the [`Transmission`] the client drives, as replies to a
 //!   read, a block status request and writes.
@@ -37,6 +39,7 @@ use std::sync::OnceLock;
 
 pub mod seeds;
 
+use sparsekit_bmap::Bmap;
 use sparsekit_nbd::{
     Completion, Handshake, HandshakeConfig, HeaderMode, Negotiated, Op, Reply, TlsMode,
     Transmission, Want, ZeroFlags,
@@ -58,6 +61,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_bitmaps", qcow2_bitmaps),
     ("qcow2_stream", qcow2_stream),
     ("nbd_client", nbd_client),
+    ("bmap", bmap),
 ];
 
 /// Most items the harness takes from any one iterator (map entries, dirty
@@ -335,6 +339,36 @@ pub fn qcow2_stream(data: &[u8]) {
         trickled.len(),
         "one decode failed, not the other"
     );
+}
+
+/// A bmap file: refused, or accepted with ranges in order inside the image
+/// that add up to its mapped size, and written back as text that reads as
+/// the same bmap.
+pub fn bmap(data: &[u8]) {
+    let Ok(b) = Bmap::parse(data, "fuzz.bmap") else {
+        return;
+    };
+    let mut end = 0;
+    let mut mapped = 0;
+    for (bytes, _) in b.byte_ranges() {
+        assert!(end <= bytes.start && bytes.start < bytes.end, "{bytes:?}");
+        assert!(bytes.end <= b.image_size(), "{bytes:?} past the image");
+        mapped += bytes.end - bytes.start;
+        end = bytes.end;
+    }
+    assert_eq!(mapped, b.mapped_bytes());
+    let again = Bmap::parse(b.to_xml().as_bytes(), "again.bmap")
+        .unwrap_or_else(|e| panic!("what to_xml wrote is refused: {e}"));
+    assert_eq!(again.ranges(), b.ranges());
+    assert_eq!(
+        (again.image_size(), again.block_size()),
+        (b.image_size(), b.block_size())
+    );
+    // A bmap without range checksums is written as `bmaptool create
+    // --no-checksum` writes one, with a ChecksumType for the file's own.
+    if b.ranges().iter().any(|r| r.checksum.is_some()) {
+        assert_eq!(again.checksum_type(), b.checksum_type());
+    }
 }
 
 /// Takes `n` bytes off the front of `data`, if it has them.

@@ -14,6 +14,45 @@ use sparsekit_nbd::{
 };
 use sparsekit_qcow2::{StreamLayout, write_stream};
 
+/// bmaps of small images: made by the bmap crate (SHA-256, SHA-1, no
+/// checksums) and by hand in format 1.2, which has no file checksum, so
+/// that mutations reach the parser behind it.
+pub fn bmaps() -> Vec<(String, Vec<u8>)> {
+    use sparsekit_bmap::{ChecksumType, Creator};
+    let mut image = vec![0u8; 40_000];
+    image[5000..9000].fill(7);
+    image[30_000..].fill(1);
+    let make = |kind: Option<ChecksumType>| {
+        let c = Creator::new(image.len() as u64, [5000..9000, 30_000..40_000]).expect("a layout");
+        match kind {
+            None => c.without_checksums(),
+            Some(k) => c
+                .with_checksum_type(k)
+                .hash(|buf: &mut [u8], at: u64| {
+                    buf.copy_from_slice(&image[at as usize..at as usize + buf.len()]);
+                    Ok::<_, std::io::Error>(())
+                })
+                .expect("hashing memory"),
+        }
+    };
+    let v12 = "<?xml version=\"1.0\"?>\n<bmap version=\"1.2\">\n<ImageSize>40000</ImageSize>\n\
+               <BlockSize>4096</BlockSize>\n<BlocksCount>10</BlocksCount>\n\
+               <MappedBlocksCount>6</MappedBlocksCount>\n<BlockMap>\n<Range>1-2</Range>\n\
+               <Range>5</Range>\n<Range> 7 - 9 </Range>\n</BlockMap>\n</bmap>\n";
+    vec![
+        (
+            "sha256.bmap".into(),
+            make(Some(ChecksumType::Sha256)).to_xml().into_bytes(),
+        ),
+        (
+            "sha1.bmap".into(),
+            make(Some(ChecksumType::Sha1)).to_xml().into_bytes(),
+        ),
+        ("none.bmap".into(), make(None).to_xml().into_bytes()),
+        ("v12.bmap".into(), v12.as_bytes().to_vec()),
+    ]
+}
+
 /// Streams of small disks written by [`write_stream`]: several cluster
 /// sizes, data at the start, inside, across L2 tables and at an unaligned
 /// end.
@@ -388,6 +427,15 @@ mod tests {
         }
         // Every command with a reply is exercised.
         assert_eq!(commands.into_iter().collect::<Vec<_>>(), [0, 1, 3, 4, 6, 7]);
+    }
+
+    #[test]
+    fn every_bmap_seed_parses() {
+        for (name, text) in bmaps() {
+            let r = sparsekit_bmap::Bmap::parse(&text, &name);
+            assert!(r.is_ok(), "{name}: {r:?}");
+            crate::bmap(&text);
+        }
     }
 
     #[test]
