@@ -275,7 +275,7 @@ mod tests {
         image[20_000..20_001].fill(2);
         image[49_000..].fill(3);
         let l = listed(&image, vec![5000..9000, 20_000..20_001, 49_000..50_000]);
-        let want = vec![4096..12288, 16384..20480, 49152..50000];
+        let want = vec![4096..12288, 16384..20480, 45056..50000];
         for chunk in [1, 100, 4096, 5000, 65536] {
             assert_eq!(pick(&l, &image, chunk).unwrap(), want, "chunk {chunk}");
         }
@@ -296,7 +296,7 @@ mod tests {
     #[test]
     fn a_stream_that_ends_inside_a_range_is_short() {
         let mut image = vec![1u8; 50_000];
-        let l = listed(&image, vec![0..50_000]);
+        let l = listed(&image, std::iter::once(0..50_000).collect());
         image.truncate(30_000);
         let mut sel = StreamRanges::new(&l);
         sel.pieces(0, &image).unwrap();
