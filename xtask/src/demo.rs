@@ -170,6 +170,37 @@ pub fn run() -> anyhow::Result<()> {
         display(&many_out),
         String::from_utf8_lossy(&refused.stderr).trim_end()
     );
+    // Flashing, as bmaptool does: a bmap, a compressed image, only the
+    // listed blocks written, each range checked.
+    let bmap = dir.join("holes-data.bmap");
+    show(
+        "map --bmap: the bmap bmaptool create would write, byte for byte",
+        Command::new(&map).arg("--bmap").arg(&holes),
+        12,
+    )?;
+    std::fs::write(&bmap, output(Command::new(&map).arg("--bmap").arg(&holes))?)?;
+    let zst = dir.join("holes-data.raw.zst");
+    let z = Command::new(testkit::require("zstd"))
+        .args(["-q", "-c"])
+        .arg(&holes)
+        .output()?;
+    anyhow::ensure!(z.status.success(), "zstd failed");
+    std::fs::write(&zst, z.stdout)?;
+    let flashed = dir.join("flashed.raw");
+    show(
+        "copy --bmap: a zstd-compressed image, decompressed on the fly, only the listed ranges written",
+        Command::new(&copy)
+            .arg("--bmap")
+            .arg(&bmap)
+            .arg(&zst)
+            .arg(&flashed),
+        5,
+    )?;
+    anyhow::ensure!(
+        std::fs::read(&flashed)? == std::fs::read(&holes)?,
+        "the flashed image differs"
+    );
+    println!("(identical to {})", display(&holes));
     std::fs::remove_dir_all(&dir)?;
 
     let out = Command::new(&map).arg("/dev/null").output()?;

@@ -3,11 +3,11 @@
 //! --bmap` takes theirs (files, compressed images, standard input, a loop
 //! device), formats 1.x with SHA-1, and damaged bmaps and images refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use sparsekit_bmap::{ChecksumType, Hasher};
-use sparsekit_testkit::{Server, fixture, require, run};
+use sparsekit_testkit::{LoopDevice, Server, fixture, require, run};
 
 const COPY: &str = env!("CARGO_BIN_EXE_copy");
 const MAP: &str = env!("CARGO_BIN_EXE_map");
@@ -181,29 +181,13 @@ fn each_tool_copies_with_the_other_s_bmap() {
     assert!(same(&d2, &src));
 }
 
-/// A loop device over a file of old bytes, detached when dropped.
-struct Loop(PathBuf, PathBuf);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.1).arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn onto_a_device_only_the_listed_blocks_are_written() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.img");
     std::fs::write(&backing, vec![0xa5u8; 80 << 20]).unwrap();
-    let losetup = require("losetup");
-    let o = Command::new(&losetup)
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    ok(&o, "losetup (needs root and /dev/loop-control)");
-    let dev = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
-    let _guard = Loop(dev.clone(), losetup);
+    let disk = LoopDevice::over(&backing);
+    let dev = disk.dev.clone();
     let src = fixture("holes-data.raw");
     let bmap = dir.path().join("theirs.bmap");
     bmaptool_create(&src, &bmap);

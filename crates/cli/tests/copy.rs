@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sparsekit_testkit::{fixture, require, run};
+use sparsekit_testkit::{LoopDevice, fixture, require, run};
 
 fn copy(args: &[&str], src: &Path, dst: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_copy"))
@@ -272,30 +272,13 @@ fn evict_drops_the_destination_from_the_page_cache() {
 /// BLKZEROOUT for the zero ranges, O_EXCL.
 #[test]
 fn block_device_destination() {
-    let losetup = require("losetup");
     let src = fixture("holes-data.raw");
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.img");
     // Old content everywhere: zero ranges must be zeroed on a device.
     std::fs::write(&backing, vec![0xa5u8; 80 << 20]).unwrap();
-    let out = Command::new(&losetup)
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup failed (needs root and /dev/loop-control): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    struct Detach(PathBuf, PathBuf);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new(&self.1).arg("-d").arg(&self.0).status();
-        }
-    }
-    let _guard = Detach(dev.clone(), losetup);
+    let disk = LoopDevice::over(&backing);
+    let dev = disk.dev.clone();
     let theirs = dir.path().join("qemu.raw");
     qemu_convert(&src, &theirs);
     let want = std::fs::read(&theirs).unwrap();

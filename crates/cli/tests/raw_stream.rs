@@ -5,10 +5,10 @@
 //! input, and `copy SRC - | copy - DEST` through real pipes from raw,
 //! qcow2 and NBD sources.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use sparsekit_testkit::{Server, fixture, qemu_img_map, require, run};
+use sparsekit_testkit::{LoopDevice, Server, fixture, qemu_img_map, require, run};
 
 const COPY: &str = env!("CARGO_BIN_EXE_copy");
 const MAP: &str = env!("CARGO_BIN_EXE_map");
@@ -134,45 +134,12 @@ fn compressed_images_copy_as_their_raw_selves() {
     }
 }
 
-/// A loop device over a file of old bytes, detached when dropped.
-struct Loop {
-    dev: PathBuf,
-    losetup: PathBuf,
-}
-
-impl Loop {
-    fn over(backing: &Path) -> Self {
-        let losetup = require("losetup");
-        let out = Command::new(&losetup)
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup failed (needs root and /dev/loop-control): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        Self { dev, losetup }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.losetup)
-            .arg("-d")
-            .arg(&self.dev)
-            .status();
-    }
-}
-
 #[test]
 fn compressed_images_onto_a_loop_device() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.img");
     std::fs::write(&backing, vec![0xa5u8; 80 << 20]).unwrap();
-    let disk = Loop::over(&backing);
+    let disk = LoopDevice::over(&backing);
     // Every raw fixture that fits on the 80 MiB device (many-extents.raw,
     // 983 MB, is copied into files above).
     for (i, name) in RAW.iter().enumerate() {

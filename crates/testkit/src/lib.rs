@@ -64,6 +64,44 @@ pub fn generated_dir() -> PathBuf {
     workspace_root().join("fixtures/generated")
 }
 
+/// A loop device over a file, detached when dropped: a real block device
+/// for the tests (BLKGETSIZE64, BLKZEROOUT, O_EXCL).
+#[derive(Debug)]
+pub struct LoopDevice {
+    /// The device, `/dev/loopN`.
+    pub dev: PathBuf,
+    losetup: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches a free loop device to `backing` (needs root and
+    /// /dev/loop-control).
+    pub fn over(backing: &Path) -> Self {
+        let losetup = require("losetup");
+        let out = Command::new(&losetup)
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup failed (needs root and /dev/loop-control): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        Self { dev, losetup }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.losetup)
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
 /// The path of `tool`, or a panic naming the Debian package to install.
 pub fn require(tool: &str) -> PathBuf {
     match which(tool) {
