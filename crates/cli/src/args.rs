@@ -119,3 +119,22 @@ impl ProgressArgs {
         !self.no_progress && (self.progress || std::io::stderr().is_terminal())
     }
 }
+
+/// Raw streams and bmap files: how long a stream is, which ranges to write.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlashArgs {
+    /// The size of a raw stream (standard input, a compressed image), when
+    /// known ahead: a new file is sized at once, and a stream that ends
+    /// before or goes on past it is an error. Without it the size is what
+    /// arrives.
+    #[arg(long, value_parser = crate::human::parse_size)]
+    pub size: Option<u64>,
+    /// Copy only the ranges the bmap FILE lists (bmaptool's formats 1.x and
+    /// 2.0, SHA-1 or SHA-256), checking each range's checksum as it is
+    /// copied and the file's own checksum first; the rest of DEST is not
+    /// touched. An IMAGE.bmap lying beside the image is not picked up, as
+    /// bmaptool would: a bmap decides what is never written, so it is used
+    /// only when named.
+    #[arg(long, value_name = "FILE")]
+    pub bmap: Option<std::path::PathBuf>,
+}

@@ -367,6 +367,9 @@ impl Plan {
             _ if dest.nbd().is_some() => Evict::Never,
             Some(true) => Evict::Always,
             Some(false) => Evict::Never,
+            // A copy that ends in fdatasync writes all of it back anyway:
+            // starting as spans complete overlaps that with the copy.
+            None if req.flush => Evict::Always,
             None => {
                 let thresholds = dirty_thresholds();
                 let ceiling = thresholds.map_or(0, |t| t.free_run());
@@ -988,6 +991,25 @@ mod tests {
         assert_eq!(
             plan(&src, &dir.path().join("d"), &always).unwrap().evict(),
             Evict::Always
+        );
+    }
+
+    #[test]
+    fn a_flushed_copy_writes_back_as_it_goes() {
+        let (dir, src) = raw_source();
+        let flush = Request {
+            flush: true,
+            ..Request::default()
+        };
+        let p = plan(&src, &dir.path().join("d"), &flush).unwrap();
+        assert_eq!(p.evict(), Evict::Always);
+        let kept = Request {
+            evict: Some(false),
+            ..flush
+        };
+        assert_eq!(
+            plan(&src, &dir.path().join("d"), &kept).unwrap().evict(),
+            Evict::Never
         );
     }
 

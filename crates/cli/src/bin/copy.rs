@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sparsekit_cli::args::{FormatArg, ImageArgs, MethodArg, ProgressArgs};
+use sparsekit_cli::args::{FlashArgs, FormatArg, ImageArgs, MethodArg, ProgressArgs};
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
@@ -34,12 +34,6 @@ struct Args {
     /// bytes as they are (no qcow2 or compression magic looked for).
     #[arg(short = 'f', long, value_enum)]
     format: Option<FormatArg>,
-    /// The size of a raw stream (standard input, a compressed image), when
-    /// known ahead: a new file is sized at once, and a stream that ends
-    /// before or goes on past it is an error. Without it the size is what
-    /// arrives.
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
     #[command(flatten)]
     image: ImageArgs,
     /// Worker threads (default: four per core, between 4 and 16; from NBD,
@@ -74,9 +68,10 @@ struct Args {
     #[arg(long, alias = "target-is-zero")]
     dest_is_zero: bool,
     /// Write DEST back as the copy goes and drop its pages from the page
-    /// cache once clean, as nbdcopy does (the default for copies of more
-    /// data than the kernel lets run free, or of an unknown amount; for
-    /// less, once the page cache takes writes slower than 1 GiB/s).
+    /// cache once clean, as nbdcopy does (the default with --flush, and for
+    /// copies of more data than the kernel lets run free, or of an unknown
+    /// amount; for less, once the page cache takes writes slower than
+    /// 1 GiB/s).
     #[arg(long, overrides_with = "no_evict")]
     evict: bool,
     /// Leave DEST's pages in the page cache, to be written back by the
@@ -105,14 +100,8 @@ struct Args {
     /// ranges are zeroed, the rest of DEST is left alone.
     #[arg(long, value_name = "NAME")]
     bitmap: Option<String>,
-    /// Copy only the ranges the bmap FILE lists (bmaptool's formats 1.x and
-    /// 2.0, SHA-1 or SHA-256), checking each range's checksum as it is
-    /// copied and the file's own checksum first; the rest of DEST is not
-    /// touched. An IMAGE.bmap lying beside the image is not picked up, as
-    /// bmaptool would: a bmap decides what is never written, so it is used
-    /// only when named.
-    #[arg(long, value_name = "FILE")]
-    bmap: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    flash: FlashArgs,
     /// Bytes per work item and per worker buffer, 4k to 1G (default: 1M
     /// from a raw file or device or from NBD, 256k otherwise).
     #[arg(long, value_parser = parse_size)]
@@ -166,7 +155,7 @@ fn request(args: &Args) -> Request {
         verify: args.verify,
         keep_partial: args.keep_partial,
         output: args.output_format.into(),
-        size: args.size,
-        bmap: args.bmap.clone(),
+        size: args.flash.size,
+        bmap: args.flash.bmap.clone(),
     }
 }
