@@ -47,14 +47,27 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     for (w, name) in [(&w1, "W1"), (&w2, "W2")] {
         note(&format!("flash: bmap of {name}"));
         let bmap = scratch.path(&format!("{name}.bmap"));
-        let ours = output(Command::new(&map).arg("--bmap").arg(w))?;
-        let theirs = output(Command::new(&bmaptool).arg("create").arg(w))?;
+        // Through files, compared by cmp: xtask's own footprint is the
+        // floor of every child's peak RSS.
+        let theirs = scratch.path(&format!("{name}.bmaptool.bmap"));
+        let status = Command::new(&map)
+            .arg("--bmap")
+            .arg(w)
+            .stdout(std::fs::File::create(&bmap)?)
+            .status()?;
+        ensure!(status.success(), "map --bmap {} failed", w.display());
+        output(
+            Command::new(&bmaptool)
+                .arg("create")
+                .arg(w)
+                .arg("-o")
+                .arg(&theirs),
+        )?;
         ensure!(
-            ours == theirs,
+            same(&bmap, &theirs)?,
             "map --bmap and bmaptool create disagree on {}: not benchmarking a wrong answer",
             w.display()
         );
-        std::fs::write(&bmap, &ours)?;
         let stats = race(
             &[
                 contender("sparsekit map --bmap", &[&map, &"--bmap", w]),
@@ -194,12 +207,7 @@ fn copies(
     for c in contenders {
         super::remove_and_sync(dest)?;
         measure(&c.argv, Some(log))?;
-        let same = Command::new("cmp")
-            .arg(image)
-            .arg(dest)
-            .stdout(Stdio::null())
-            .status()?
-            .success();
+        let same = same(image, dest)?;
         ensure!(
             same,
             "{}: the copy differs from {}",
@@ -216,6 +224,16 @@ fn copies(
             ..super::fresh_dest(dest, None, what)
         },
     )
+}
+
+/// Whether files `a` and `b` hold the same bytes (cmp).
+fn same(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    Ok(Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .stdout(Stdio::null())
+        .status()?
+        .success())
 }
 
 /// `image` compressed by `tool -1` (single-threaded), made once beside it
