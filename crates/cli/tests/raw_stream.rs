@@ -264,6 +264,26 @@ fn raw_streams_round_trip_through_pipes() {
     let want = qemu_convert(image.to_str().unwrap(), "qcow2", &theirs);
     assert!(want == std::fs::read(&dst).unwrap(), "from NBD");
 
+    // A qcow2 stream compressed on its way is still a qcow2 stream.
+    let stream = dir.path().join("s.qcow2");
+    let o = Command::new(COPY)
+        .args(["-O", "qcow2"])
+        .arg(fixture("chain-top.qcow2"))
+        .arg(&stream)
+        .output()
+        .unwrap();
+    ok(&o, "export");
+    let zst = dir.path().join("s.qcow2.zst");
+    assert!(compress("zstd", &stream, &zst).wait().unwrap().success());
+    ok(
+        &copy_stdin(&[], &zst, &dst),
+        "a zstd-compressed qcow2 stream",
+    );
+    assert!(
+        want == std::fs::read(&dst).unwrap(),
+        "compressed qcow2 stream"
+    );
+
     // Standard output as cmp reads it: the whole image, holes as zeros.
     let src = fixture("holes-data.raw");
     let o = Command::new(COPY)
