@@ -186,6 +186,8 @@ pub(crate) fn import(
     let jobs = settings.jobs.max(1);
     let shift = settings.dest_offset;
     let mut total = 0u64;
+    // Bytes handed to the writers: all of them, or what `select` picks.
+    let mut picked = 0u64;
     let mut select = select;
     let (wtx, wrx) = mpsc::sync_channel::<Piece>(jobs * 2);
     let wrx = Mutex::new(wrx);
@@ -235,6 +237,7 @@ pub(crate) fn import(
             match pieces {
                 Ok(pieces) => {
                     for r in pieces {
+                        picked += r.len() as u64;
                         let dst = shift + offset + r.start as u64;
                         if wtx.send((buf.clone(), r, dst)).is_err() {
                             break;
@@ -266,7 +269,8 @@ pub(crate) fn import(
         data_read: total,
         data_written: written(),
         zero_detected: counts.zero_detected.load(Relaxed),
-        unallocated: 0,
+        // What a selection left out was not written, as a hole is not.
+        unallocated: total - picked,
     })
 }
 
