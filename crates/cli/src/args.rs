@@ -138,3 +138,26 @@ pub struct FlashArgs {
     #[arg(long, value_name = "FILE")]
     pub bmap: Option<std::path::PathBuf>,
 }
+
+/// Whether DEST's pages are dropped as the copy goes.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct EvictArgs {
+    /// Write DEST back as the copy goes and drop its pages from the page
+    /// cache once clean, as nbdcopy does (the default with --flush, and for
+    /// copies of more data than the kernel lets run free, or of an unknown
+    /// amount; for less, once the page cache takes writes slower than
+    /// 1 GiB/s).
+    #[arg(long, overrides_with = "no_evict")]
+    pub evict: bool,
+    /// Leave DEST's pages in the page cache, to be written back by the
+    /// kernel.
+    #[arg(long, overrides_with = "evict")]
+    pub no_evict: bool,
+}
+
+impl EvictArgs {
+    /// The choice made on the command line (`None`: the library's default).
+    pub fn choice(&self) -> Option<bool> {
+        (self.evict || self.no_evict).then_some(self.evict)
+    }
+}

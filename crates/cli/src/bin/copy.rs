@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sparsekit_cli::args::{FlashArgs, FormatArg, ImageArgs, MethodArg, ProgressArgs};
+use sparsekit_cli::args::{EvictArgs, FlashArgs, FormatArg, ImageArgs, MethodArg, ProgressArgs};
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{copy_summary, parse_size};
 use sparsekit_cli::progress::Bar;
@@ -67,17 +67,8 @@ struct Args {
     /// DEST already reads as zeros: do not zero anything on it.
     #[arg(long, alias = "target-is-zero")]
     dest_is_zero: bool,
-    /// Write DEST back as the copy goes and drop its pages from the page
-    /// cache once clean, as nbdcopy does (the default with --flush, and for
-    /// copies of more data than the kernel lets run free, or of an unknown
-    /// amount; for less, once the page cache takes writes slower than
-    /// 1 GiB/s).
-    #[arg(long, overrides_with = "no_evict")]
-    evict: bool,
-    /// Leave DEST's pages in the page cache, to be written back by the
-    /// kernel.
-    #[arg(long, overrides_with = "evict")]
-    no_evict: bool,
+    #[command(flatten)]
+    evict: EvictArgs,
     /// Flush DEST to stable storage at the end (always done for devices
     /// and NBD exports).
     #[arg(long)]
@@ -150,7 +141,7 @@ fn request(args: &Args) -> Request {
         no_create: args.no_create,
         bitmap: args.bitmap.clone(),
         dest_is_zero: args.dest_is_zero,
-        evict: (args.evict || args.no_evict).then_some(args.evict),
+        evict: args.evict.choice(),
         flush: args.flush,
         verify: args.verify,
         keep_partial: args.keep_partial,
