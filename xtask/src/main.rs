@@ -5,6 +5,7 @@
 //!   fixtures, run every test of the workspace.
 //! - `demo`: release build, fixtures, then the tools at work on them.
 //! - `bench`: side-by-side timings against the peers, written to BENCHMARKS.md.
+//! - `dist`: release binaries, man pages and shell completions in target/dist.
 //! - `fuzz [TARGET] [--seconds N]`: seed and run the cargo-fuzz targets of
 //!   fuzz/, one after another; `test` ends with a short run of each.
 
@@ -49,6 +50,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Release binaries, man pages and bash, zsh and fish completions in
+    /// target/dist (bin/, man/man1/, completions/{bash,zsh,fish}/).
+    Dist,
     /// Time sparsekit and its peers side by side; write BENCHMARKS.md.
     Bench {
         /// Rounds, each running every command of a workload once: times
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
             cargo_args,
         } => test(fuzz_seconds, &cargo_args),
         Task::Demo => ensure_tools().and_then(|()| demo::run()),
+        Task::Dist => dist(),
         Task::Fuzz { target, seconds } => {
             ensure_tools().and_then(|()| fuzz::run(target.as_deref(), seconds, None).map(drop))
         }
@@ -168,6 +173,29 @@ fn cargo() -> String {
 }
 
 /// Builds the binaries in release mode; returns the folder they are in.
+/// `cargo xtask dist`: what `cargo install` leaves out, beside the
+/// binaries.
+fn dist() -> anyhow::Result<()> {
+    let release = release_build()?;
+    let dist = root().join("target/dist");
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist).with_context(|| format!("emptying {}", dist.display()))?;
+    }
+    let bin = dist.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for name in ["map", "copy", "qcow2-info"] {
+        std::fs::copy(release.join(name), bin.join(name))
+            .with_context(|| format!("copying {name} into {}", bin.display()))?;
+    }
+    let pages = sparsekit_cli::dist::write_man_pages(&dist.join("man/man1"))?;
+    let completions = sparsekit_cli::dist::write_completions(&dist.join("completions"))?;
+    for p in pages.iter().chain(&completions) {
+        println!("{}", display(p));
+    }
+    println!("{}", display(&dist));
+    Ok(())
+}
+
 fn release_build() -> anyhow::Result<PathBuf> {
     sh(Command::new(cargo()).current_dir(root()).args([
         "build",

@@ -46,14 +46,34 @@ pub struct ImageArgs {
     /// data file names that are absolute or lead out of its folder.
     #[arg(long)]
     pub untrusted: bool,
-    /// NBD: give up on a server that does not answer for this many seconds
-    /// (0: wait forever).
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub timeout: u64,
     /// Read an image that another process (qemu, qemu-nbd) may be writing,
     /// as qemu-img's -U: without it, such an image is refused.
     #[arg(short = 'U', long)]
     pub force_share: bool,
+}
+
+impl ImageArgs {
+    /// The library's options for opening a source as `format`, for
+    /// `purpose` (NBD's from [`NbdArgs::apply`]).
+    pub fn open_options(&self, format: Option<FormatArg>, purpose: Purpose) -> OpenOptions {
+        OpenOptions {
+            purpose,
+            force_share: self.force_share,
+            format: format.map(Format::from),
+            no_backing: self.no_backing,
+            untrusted: self.untrusted,
+            ..OpenOptions::default()
+        }
+    }
+}
+
+/// How NBD servers are reached: for the tools that take NBD URIs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NbdArgs {
+    /// NBD: give up on a server that does not answer for this many seconds
+    /// (0: wait forever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
     /// NBD over TLS (nbds://, nbds+unix://): the folder holding
     /// ca-cert.pem, and client-cert.pem and client-key.pem if the server
     /// asks for a client certificate, as qemu and libnbd lay it out (the
@@ -63,21 +83,24 @@ pub struct ImageArgs {
     pub tls_certificates: Option<std::path::PathBuf>,
 }
 
-impl ImageArgs {
-    /// The library's options for opening a source as `format`, for
-    /// `purpose`.
-    pub fn open_options(&self, format: Option<FormatArg>, purpose: Purpose) -> OpenOptions {
+impl NbdArgs {
+    /// `open` with the timeout and certificates asked for.
+    pub fn apply(&self, open: OpenOptions) -> OpenOptions {
         OpenOptions {
-            purpose,
-            force_share: self.force_share,
-            format: format.map(Format::from),
-            no_backing: self.no_backing,
-            untrusted: self.untrusted,
             timeout: (self.timeout > 0).then(|| Duration::from_secs(self.timeout)),
             tls_certificates: self.tls_certificates.clone(),
-            ..OpenOptions::default()
+            ..open
         }
     }
+}
+
+/// An output format, as qemu-img's `--output` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputArg {
+    /// For people.
+    Human,
+    /// JSON, as qemu-img prints it.
+    Json,
 }
 
 /// How data is moved, as `--method` names it.
@@ -101,22 +124,44 @@ impl From<MethodArg> for sparsekit_copy::Method {
     }
 }
 
-/// Whether to draw a progress bar.
+/// Progress and the summary: `-p`, `--progress=FD`, `-q`.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct ProgressArgs {
-    /// Show a progress bar on standard error (default: when it is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    pub progress: bool,
-    /// Never show a progress bar.
-    #[arg(long)]
+    /// Show progress: a bar when standard error is a terminal (the default
+    /// there), else a line per percent on standard error, as qemu-img -p;
+    /// `--progress=FD` writes `N/100` lines to file descriptor FD, as
+    /// nbdcopy does.
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "FD",
+        num_args = 0..=1,
+        require_equals = true,
+        overrides_with = "no_progress"
+    )]
+    pub progress: Option<Option<i32>>,
+    /// Never show progress.
+    #[arg(long, overrides_with = "progress")]
     pub no_progress: bool,
+    /// Print nothing but errors: no progress, no summary.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
 }
 
 impl ProgressArgs {
-    /// True when a bar is to be drawn on standard error.
-    pub fn show(&self) -> bool {
+    /// Where progress goes.
+    pub fn mode(&self) -> crate::progress::Mode {
+        use crate::progress::Mode;
         use std::io::IsTerminal;
-        !self.no_progress && (self.progress || std::io::stderr().is_terminal())
+        let terminal = std::io::stderr().is_terminal();
+        match self.progress {
+            _ if self.quiet || self.no_progress => Mode::Off,
+            Some(Some(fd)) => Mode::Fd(fd),
+            Some(None) if terminal => Mode::Bar,
+            Some(None) => Mode::Lines,
+            None if terminal => Mode::Bar,
+            None => Mode::Off,
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 
 use std::io::{self, Write};
 
-use sparsekit_copy::Report;
 use sparsekit_copy::map::Description;
+use sparsekit_copy::{CopyStats, Report};
 use sparsekit_fiemap::FileKind;
 
 use sparsekit_extent::{Extent, Kind};
@@ -225,24 +225,58 @@ pub fn describe(name: &str, d: &Description) -> (String, bool) {
     }
 }
 
-/// What a copy did, in one line.
+/// Bytes of the copied range neither written nor zeroed: holes in a new
+/// file, or blocks left as they were (a bmap's free blocks on a device).
+fn left_as_holes(s: &CopyStats) -> u64 {
+    (s.zero_detected + s.unallocated).saturating_sub(s.zeroed)
+}
+
+/// What a copy did, in one line: every figure in binary units (`--json`
+/// has the exact bytes).
 pub fn copy_summary(from: &str, to: &str, report: &Report) -> String {
     let (s, secs) = (report.stats, report.elapsed.as_secs_f64());
     match report.export {
         Some(e) => format!(
-            "{from} -> {to}: qcow2 stream of {} bytes ({} data clusters), in {secs:.2} s",
-            e.stream_bytes, e.data_clusters
+            "{from} -> {to}: qcow2 stream of {} ({} data clusters) for a {} image, in {secs:.2} s",
+            format_size(e.stream_bytes),
+            e.data_clusters,
+            format_size(s.total),
         ),
         None => format!(
-            "{from} -> {to}: read {} bytes of data ({}), wrote {} bytes, {} bytes of zero blocks left as holes, {} bytes zero or unallocated ({}), in {secs:.2} s",
-            s.data_read,
+            "{from} -> {to}: {} image: read {}, wrote {}, zeroed {}, left {} as holes ({} found zero in data), in {secs:.2} s",
+            format_size(s.total),
             format_size(s.data_read),
-            s.data_written,
-            s.zero_detected,
-            s.unallocated,
-            format_size(s.unallocated),
+            format_size(s.data_written),
+            format_size(s.zeroed),
+            format_size(left_as_holes(&s)),
+            format_size(s.zero_detected),
         ),
     }
+}
+
+/// What a copy did, as one JSON object for programs (`copy --json`):
+/// bytes handled, read, written, zeroed and left as holes, seconds, the
+/// two ends, and for a qcow2 stream its size and data clusters.
+pub fn copy_json(from: &str, to: &str, report: &Report) -> serde_json::Value {
+    let s = report.stats;
+    let mut v = serde_json::json!({
+        "source": from,
+        "destination": to,
+        "bytes_total": s.total,
+        "bytes_read": s.data_read,
+        "bytes_written": s.data_written,
+        "bytes_zeroed": s.zeroed,
+        "bytes_holes": left_as_holes(&s),
+        "bytes_zero_detected": s.zero_detected,
+        "bytes_unallocated": s.unallocated,
+        "seconds": report.elapsed.as_secs_f64(),
+        "verified": report.verified,
+    });
+    if let (Some(e), Some(m)) = (report.export, v.as_object_mut()) {
+        m.insert("qcow2_stream_bytes".into(), e.stream_bytes.into());
+        m.insert("qcow2_data_clusters".into(), e.data_clusters.into());
+    }
+    v
 }
 
 #[cfg(test)]

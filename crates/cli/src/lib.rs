@@ -2,13 +2,16 @@
 //! their common arguments and their output formats. Everything a binary
 //! decides lives in the library crates.
 //!
+//! - [`cmd`]: each command's command line (clap definitions).
 //! - [`args`]: the flags every tool takes, as the library's options.
 //! - [`qemu`]: `qemu-img map --output=json`'s layout.
 //! - [`nbdinfo`]: `nbdinfo --map --json`'s layout, and its table.
 //! - [`human`]: sizes for people (`64 KiB`), sizes from people (`16M`), and
 //!   the `map` table.
 //! - [`info`]: `qemu-img info` and `qemu-img check`'s human output.
-//! - [`progress`]: the copy's progress bar.
+//! - [`progress`]: the copy's progress: a bar, qemu-img's percentage
+//!   lines, nbdcopy's `--progress=FD`.
+//! - [`dist`]: man pages and shell completions.
 //! - [`exit`]: error reporting shared by the binaries: broken pipes are
 //!   success, everything else prints `tool: error: cause` and fails.
 //!
@@ -19,6 +22,8 @@
 //! ```
 
 pub mod args;
+pub mod cmd;
+pub mod dist;
 pub mod exit;
 pub mod human;
 pub mod info;

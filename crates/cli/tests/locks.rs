@@ -160,9 +160,10 @@ fn readers_refuse_an_image_a_writer_holds_unless_force_share() {
             &["qcow2-info", "--allocated", s(&img)],
             &["copy", s(&img), s(&out)],
         ];
-        for args in reads {
+        for (i, args) in reads.into_iter().enumerate() {
             in_use(&tool(args[0], &args[1..]), &format!("{args:?}"));
-            let mut forced = vec!["-U"];
+            // qemu-img's short and long spellings.
+            let mut forced = vec![["-U", "--force-share"][i % 2]];
             forced.extend_from_slice(&args[1..]);
             succeeds(&tool(args[0], &forced), &format!("{forced:?}"));
         }

@@ -212,10 +212,10 @@ fn contexts_equal_nbdinfo() {
     );
 }
 
-fn bytes_read(stderr: &[u8]) -> u64 {
-    let s = String::from_utf8_lossy(stderr);
-    let i = s.find("read ").expect("a summary line") + 5;
-    s[i..].split(' ').next().unwrap().parse().unwrap()
+/// `bytes_read` of `copy --json`'s result.
+fn bytes_read(stdout: &[u8]) -> u64 {
+    let v: Value = serde_json::from_slice(stdout).expect("copy --json's object");
+    v["bytes_read"].as_u64().expect("bytes_read")
 }
 
 /// Full copy, guest writes recorded by a bitmap, incremental copy onto the
@@ -243,9 +243,9 @@ fn incremental_backup_cycle() {
     let b = backup.to_str().unwrap();
     {
         let server = qemu_nbd(dir.path(), &vm, &[]);
-        let o = sparsekit("copy", &[&server.uri(), b]);
+        let o = sparsekit("copy", &["--json", &server.uri(), b]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(bytes_read(&o.stderr), 72 << 20);
+        assert_eq!(bytes_read(&o.stdout), 72 << 20);
     }
     // The full copy as it stands before the incremental ones, for the
     // offline incremental copy below.
@@ -280,9 +280,9 @@ fn incremental_backup_cycle() {
     assert!(dirty > 0 && dirty < 16 << 20, "{dirty} bytes dirty");
 
     let server = qemu_nbd(dir.path(), &vm, &["-B", "inc1"]);
-    let o = sparsekit("copy", &["--bitmap", "inc1", &server.uri(), b]);
+    let o = sparsekit("copy", &["--json", "--bitmap", "inc1", &server.uri(), b]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let read = bytes_read(&o.stderr);
+    let read = bytes_read(&o.stdout);
     assert!(
         read > 0 && read <= dirty,
         "read {read} bytes, {dirty} dirty"
@@ -303,9 +303,12 @@ fn incremental_backup_cycle() {
     let backup2 = dir.path().join("backup2.raw");
     std::fs::copy(&full, &backup2).unwrap();
     assert!(std::fs::read(&backup2).unwrap() != std::fs::read(&fresh).unwrap());
-    let o = sparsekit("copy", &["--bitmap", "inc1", v, backup2.to_str().unwrap()]);
+    let o = sparsekit(
+        "copy",
+        &["--json", "--bitmap", "inc1", v, backup2.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let read = bytes_read(&o.stderr);
+    let read = bytes_read(&o.stdout);
     assert!(
         read > 0 && read <= dirty,
         "offline: read {read} bytes, {dirty} dirty"

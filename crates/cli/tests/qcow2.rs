@@ -285,7 +285,7 @@ fn allocation_bitmap_equals_an_independent_computation() {
         let out = dir.path().join("bm.z");
         let o = tool(
             env!("CARGO_BIN_EXE_qcow2-info"),
-            &["--bitmap", "--zlib", "--output", out.to_str().unwrap()],
+            &["--bitmap", "--zlib", "--bitmap-file", out.to_str().unwrap()],
             &img,
         );
         assert!(o.status.success());

@@ -178,6 +178,8 @@ fn options(rng: &mut Rng) -> Request {
             1 => Method::ReadWrite,
             _ => Method::CopyFileRange,
         },
+        // -S: 512 B to 16 MiB, aligned in DEST and cut at chunk edges.
+        sparse_block: rng.chance(30).then(|| 512 << rng.below(16)),
         ..Request::default()
     }
 }

@@ -85,7 +85,7 @@ pub(crate) fn copy_ranges(
 ) -> Result<CopyStats, Failed> {
     let ranges = listed.bmap.ranges();
     progress.start(listed.bmap.mapped_bytes());
-    let sparse = settings.sparse && sink.zero_detection_pays();
+    let sparse = sink.sparse_block(settings.sparse_block);
     let counts = WriteCounts::default();
     let next = AtomicUsize::new(0);
     let state: Mutex<Progressing> = Mutex::default();
@@ -166,6 +166,7 @@ pub(crate) fn copy_ranges(
         data_written: written,
         zero_detected: counts.zero_detected.load(Relaxed),
         unallocated: end - mapped,
+        zeroed: 0,
     })
 }
 

@@ -36,10 +36,10 @@ pub(crate) fn copy(
     let planner = Planner::new(source, range.clone(), settings.dest_offset, chunk, dirty);
     let raw = source.raw_file();
     // Zero detection pays only where leaving a write out leaves zeros behind.
-    let sparse = settings.sparse && sink.zero_detection_pays();
+    let sparse = sink.sparse_block(settings.sparse_block);
     let regular = sink.regular_file();
     let use_cfr = AtomicBool::new(match settings.method {
-        Method::Auto => !sparse && raw.is_some() && regular.is_some(),
+        Method::Auto => sparse == 0 && raw.is_some() && regular.is_some(),
         Method::CopyFileRange => raw.is_some() && regular.is_some(),
         Method::ReadWrite => false,
     });
@@ -117,5 +117,6 @@ pub(crate) fn copy(
         data_written: counts.written.load(Relaxed),
         zero_detected: counts.zero_detected.load(Relaxed),
         unallocated: unallocated.load(Relaxed),
+        zeroed: 0,
     })
 }

@@ -119,6 +119,12 @@ pub enum PlanError {
         /// The size asked for.
         size: u64,
     },
+    /// A zero-detection granularity qemu-img would refuse.
+    #[error("-S must be a multiple of 512 up to 16M (0 turns zero detection off), not {size}")]
+    SparseBlock {
+        /// The size asked for.
+        size: u64,
+    },
     /// The bmap file could not be read.
     #[error("{}: reading the bmap", path.display())]
     BmapRead {

@@ -83,7 +83,7 @@ pub use plan::{
 };
 pub use progress::{NoProgress, Progress};
 pub use qcow2::Qcow2Source;
-pub use sink::{DestMode, SPARSE_BLOCK, WRITE_PIECE, is_zero};
+pub use sink::{DestMode, SPARSE_BLOCK, SPARSE_BLOCK_MAX, WRITE_PIECE, is_zero};
 pub use source::{
     ExtentStream, NoBitmaps, RangeStream, RawReadError, RawSource, Source, SourceError,
 };

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use sparsekit_nbd::{Client, Errno, ZeroFlags};
 
@@ -26,6 +26,8 @@ pub(crate) struct NbdSink {
     /// Everything not yet written reads as zeros: the user said so, or the
     /// whole range was zeroed fast at the start.
     known_zero: AtomicBool,
+    /// Bytes zeroed by our requests (see [`crate::sink::Sink::zeroed`]).
+    zeroed: AtomicU64,
     /// Serialises the read-modify-write of partial blocks: two items that
     /// share a block patch it one after the other.
     edges: Mutex<()>,
@@ -41,6 +43,7 @@ impl NbdSink {
             can_zero: flags.can_zero(),
             can_flush: flags.can_flush(),
             known_zero: dest_is_zero.into(),
+            zeroed: 0.into(),
             edges: Mutex::new(()),
             export,
         }
@@ -55,6 +58,11 @@ impl NbdSink {
     /// The connections, read as a source (for verification).
     pub(crate) fn export(&self) -> &NbdSource {
         &self.export
+    }
+
+    /// Bytes zeroed by our requests so far.
+    pub(crate) fn zeroed(&self) -> u64 {
+        self.zeroed.load(Relaxed)
     }
 
     /// Whether what the copy does not write already reads as zeros.
@@ -89,6 +97,7 @@ impl NbdSink {
             .with_client(|c| c.write_zeroes(range.start, len, fast))
         {
             Ok(()) => {
+                self.zeroed.fetch_add(len, Relaxed);
                 self.known_zero.store(true, Relaxed);
                 Ok(())
             }
@@ -131,6 +140,7 @@ impl NbdSink {
         if self.known_zero() || len == 0 {
             return Ok(());
         }
+        self.zeroed.fetch_add(len, Relaxed);
         let (head, middle, tail) = self.split(offset, len);
         for edge in [head, tail] {
             if !edge.is_empty() {

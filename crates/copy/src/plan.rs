@@ -18,7 +18,7 @@ use crate::evict::{Evict, dirty_thresholds, evict_by_default};
 use crate::nbd_sink::NbdSink;
 use crate::progress::Progress;
 use crate::raw_stream::{Length, Select};
-use crate::sink::{DestMode, FileSink, Sink};
+use crate::sink::{DestMode, FileSink, SPARSE_BLOCK, SPARSE_BLOCK_MAX, Sink};
 use crate::source::{RawSource, Source};
 
 /// Default bytes per data work item and per worker buffer: small enough
@@ -97,6 +97,10 @@ pub struct Request {
     pub chunk_size: Option<u64>,
     /// Write every byte of data, zero blocks included.
     pub no_sparse: bool,
+    /// The granularity of zero detection in data (qemu-img's `-S`):
+    /// a multiple of 512 up to [`SPARSE_BLOCK_MAX`], 0 for none (`None`:
+    /// [`SPARSE_BLOCK`]).
+    pub sparse_block: Option<u64>,
     /// How data is moved.
     pub method: Method,
     /// Bytes of the source to skip.
@@ -162,9 +166,10 @@ pub struct Settings {
     pub jobs: usize,
     /// Bytes per data work item and per worker buffer.
     pub chunk_size: usize,
-    /// Leave holes (or skip writes) for 4 KiB blocks of data that are all
-    /// zeros, as `qemu-img convert -S 4k`.
-    pub sparse: bool,
+    /// Leave holes (or skip writes) for blocks of this many bytes of data,
+    /// aligned in the destination, that are all zeros, as `qemu-img
+    /// convert -S`; 0: every byte of data is written.
+    pub sparse_block: u64,
     /// How data is moved.
     pub method: Method,
     /// The source range copied.
@@ -190,6 +195,10 @@ pub struct CopyStats {
     pub zero_detected: u64,
     /// Bytes the source maps as zero or hole.
     pub unallocated: u64,
+    /// Bytes of the destination made to read as zeros by a zeroing call
+    /// (holes punched, BLKZEROOUT, NBD_CMD_WRITE_ZEROES, written zeros);
+    /// what was known to read as zeros already (a new file) is not.
+    pub zeroed: u64,
 }
 
 /// What a qcow2 stream export wrote.
@@ -261,6 +270,11 @@ impl Plan {
             && !CHUNK_BOUNDS.contains(&c)
         {
             return Err(PlanError::ChunkSize { size: c });
+        }
+        if let Some(b) = req.sparse_block
+            && (!b.is_multiple_of(512) || b > SPARSE_BLOCK_MAX)
+        {
+            return Err(PlanError::SparseBlock { size: b });
         }
         let kind = kind(&source, &dest, req)?;
         let listed = match &req.bmap {
@@ -388,7 +402,11 @@ impl Plan {
             settings: Settings {
                 jobs: jobs.max(1),
                 chunk_size,
-                sparse: !req.no_sparse,
+                sparse_block: match req.sparse_block {
+                    _ if req.no_sparse => 0,
+                    Some(b) => b,
+                    None => SPARSE_BLOCK,
+                },
                 method: req.method,
                 range,
                 dest_offset,
@@ -570,7 +588,10 @@ impl Plan {
                 };
                 match r {
                     Ok(stats) => Ok(Report {
-                        stats,
+                        stats: CopyStats {
+                            zeroed: sink.zeroed(),
+                            ..stats
+                        },
                         export: None,
                         verified: verify,
                         elapsed: t.elapsed(),
@@ -953,7 +974,7 @@ mod tests {
         let s = p.settings();
         assert_eq!((s.chunk_size, s.jobs), (RAW_CHUNK, default_jobs()));
         assert_eq!((s.range.clone(), s.dest_offset), (0..8 << 20, 0));
-        assert!(s.sparse);
+        assert_eq!(s.sparse_block, SPARSE_BLOCK);
         assert_eq!(p.mode(), DestMode::Replace);
         assert_eq!(p.connections(), 1);
         // 1 MiB of data is far below any free-run ceiling.
@@ -976,7 +997,7 @@ mod tests {
         };
         let p = plan(&src, &dir.path().join("d"), &req).unwrap();
         let s = p.settings();
-        assert_eq!((s.jobs, s.chunk_size, s.sparse), (3, 64 << 10, false));
+        assert_eq!((s.jobs, s.chunk_size, s.sparse_block), (3, 64 << 10, 0));
         assert_eq!(
             (s.range.clone(), s.dest_offset),
             ((1 << 20)..(5 << 20), 512)
@@ -1072,6 +1093,14 @@ mod tests {
                 chunk_size: Some((1 << 30) + 1),
                 ..Request::default()
             },
+            Request {
+                sparse_block: Some(1000),
+                ..Request::default()
+            },
+            Request {
+                sparse_block: Some(SPARSE_BLOCK_MAX + 512),
+                ..Request::default()
+            },
         ];
         for req in cases {
             let e = plan(&src, &d, &req).expect_err(&format!("{req:?}"));
@@ -1082,6 +1111,7 @@ mod tests {
                         | PlanError::LengthPastEnd { .. }
                         | PlanError::OffsetOverflow { .. }
                         | PlanError::ChunkSize { .. }
+                        | PlanError::SparseBlock { .. }
                 ),
                 "{req:?}: {e:?}"
             );

@@ -178,7 +178,10 @@ pub(crate) fn import(
     stop: &AtomicBool,
 ) -> Result<CopyStats, Failed> {
     let name = stream.name.clone();
-    let sparse = settings.sparse && (sink.zero_detection_pays() || matches!(sink, Sink::Nbd(_)));
+    let sparse = match sink {
+        Sink::Nbd(_) => settings.sparse_block,
+        _ => sink.sparse_block(settings.sparse_block),
+    };
     progress.start(length.exact.or(length.room).unwrap_or(0));
     let counts = WriteCounts::default();
     let pool = Pool::default();
@@ -271,6 +274,7 @@ pub(crate) fn import(
         zero_detected: counts.zero_detected.load(Relaxed),
         // What a selection left out was not written, as a hole is not.
         unallocated: total - picked,
+        zeroed: 0,
     })
 }
 
@@ -404,6 +408,7 @@ pub(crate) fn write_out(
         data_written: total,
         zero_detected: 0,
         unallocated: total - data_read,
+        zeroed: 0,
     })
 }
 
@@ -461,6 +466,7 @@ pub(crate) fn pipe_out(
         data_written: total,
         zero_detected: 0,
         unallocated: 0,
+        zeroed: 0,
     })
 }
 

@@ -22,8 +22,13 @@ use crate::sys;
 /// others wait for it.
 pub const WRITE_PIECE: usize = 128 << 10;
 
-/// Granularity of zero detection inside data, as `qemu-img convert -S 4k`.
+/// Default granularity of zero detection inside data, as `qemu-img
+/// convert -S 4k`.
 pub const SPARSE_BLOCK: u64 = 4096;
+
+/// The granularities `-S` accepts, as qemu-img: multiples of 512 up to
+/// 16 MiB (0 turns detection off).
+pub const SPARSE_BLOCK_MAX: u64 = 16 << 20;
 
 /// What writes of data counted: bytes written, and bytes of all-zero
 /// blocks left out.
@@ -73,6 +78,12 @@ impl Sink {
         }
     }
 
+    /// The zero-detection granularity to use here: `asked` (0: none)
+    /// where detection pays, else 0.
+    pub(crate) fn sparse_block(&self, asked: u64) -> u64 {
+        if self.zero_detection_pays() { asked } else { 0 }
+    }
+
     /// The regular file, where the kernel could copy into it
     /// (copy_file_range).
     pub(crate) fn regular_file(&self) -> Option<&FileSink> {
@@ -90,6 +101,16 @@ impl Sink {
         }
     }
 
+    /// Bytes zeroed so far by zeroing calls (holes punched, BLKZEROOUT,
+    /// NBD_CMD_WRITE_ZEROES, written zeros); ranges already known to read
+    /// as zeros are not counted.
+    pub(crate) fn zeroed(&self) -> u64 {
+        match self {
+            Sink::File(f) => f.zeroed.load(Relaxed),
+            Sink::Nbd(n) => n.zeroed(),
+        }
+    }
+
     /// Makes `len` bytes at `offset` read as zeros (see [`FileSink::zero`]
     /// and [`NbdSink::zero`]).
     pub(crate) fn zero(&self, offset: u64, len: u64) -> Result<(), Error> {
@@ -99,32 +120,33 @@ impl Sink {
         }
     }
 
-    /// Writes the data `buf` at `dst`, then lets eviction see it. With
-    /// `sparse`, runs of 4 KiB destination blocks that are all zeros are
-    /// zeroed instead ([`Sink::zero`]: nothing to do where the destination
-    /// is known to be zero), each run in one call.
+    /// Writes the data `buf` at `dst`, then lets eviction see it. With a
+    /// `sparse` block size (0: none), runs of destination blocks of that
+    /// size that are all zeros are zeroed instead ([`Sink::zero`]: nothing
+    /// to do where the destination is known to be zero), each run in one
+    /// call.
     pub(crate) fn write_data(
         &self,
         buf: &[u8],
         dst: u64,
-        sparse: bool,
+        sparse: u64,
         counts: &WriteCounts,
     ) -> Result<(), Error> {
-        if !sparse {
+        if sparse == 0 {
             self.write_at(buf, dst)?;
             counts.written.fetch_add(buf.len() as u64, Relaxed);
             return self.written(dst, buf.len() as u64);
         }
         // Runs of all-zero and not-all-zero blocks, aligned to the
-        // destination's 4 KiB blocks.
+        // destination's blocks.
         let mut at = 0usize;
         while at < buf.len() {
             let off = dst + at as u64;
-            let first = ((off / SPARSE_BLOCK + 1) * SPARSE_BLOCK - off) as usize;
+            let first = ((off / sparse + 1) * sparse - off) as usize;
             let zero = is_zero(&buf[at..(at + first).min(buf.len())]);
             let mut end = (at + first).min(buf.len());
             while end < buf.len() {
-                let next = (end + SPARSE_BLOCK as usize).min(buf.len());
+                let next = (end + sparse as usize).min(buf.len());
                 if is_zero(&buf[end..next]) != zero {
                     break;
                 }
@@ -198,6 +220,8 @@ pub(crate) struct FileSink {
     /// Zero ranges go through BLKZEROOUT / PUNCH_HOLE until the kernel says
     /// it cannot, then as written zeros.
     zeroing_unsupported: AtomicBool,
+    /// Bytes made to read as zeros by a call of ours (not known zero).
+    zeroed: AtomicU64,
     evictor: Evictor,
     /// qemu's write locks, held while the sink is open.
     _lock: Option<WriteLock>,
@@ -258,6 +282,7 @@ impl FileSink {
             known_zero,
             created,
             zeroing_unsupported: false.into(),
+            zeroed: 0.into(),
             evictor: Evictor::new(evict),
             _lock: lock,
         })
@@ -338,6 +363,7 @@ impl FileSink {
         if self.known_zero || len == 0 {
             return Ok(());
         }
+        self.zeroed.fetch_add(len, Relaxed);
         if !self.zeroing_unsupported.load(Relaxed) {
             let r = match self.kind {
                 DestKind::Regular => fallocate(
@@ -551,11 +577,22 @@ mod tests {
         let counts = WriteCounts::default();
         // At destination offset 2048: blocks [0,4k) [4k,8k) ... of the
         // destination, so the data block is [4k, 8k).
-        sink.write_data(&buf, 2048, true, &counts).unwrap();
+        sink.write_data(&buf, 2048, SPARSE_BLOCK, &counts).unwrap();
         assert_eq!(counts.written.load(Relaxed), 4096);
         assert_eq!(counts.zero_detected.load(Relaxed), (16 << 10) - 4096);
         let got = std::fs::read(dir.path().join("d")).unwrap();
         assert_eq!(got[2048 + 5000], 1);
         assert_eq!(got.iter().filter(|&&b| b != 0).count(), 1);
+
+        // `-S 16k`: the data sits in the destination's block [0, 16k), of
+        // which the buffer holds [2k, 16k); [16k, 18k) is left out.
+        let counts = WriteCounts::default();
+        sink.write_data(&buf, 2048, 16 << 10, &counts).unwrap();
+        assert_eq!(counts.written.load(Relaxed), (16 << 10) - 2048);
+        assert_eq!(counts.zero_detected.load(Relaxed), 2048);
+        // 0: no detection.
+        let counts = WriteCounts::default();
+        sink.write_data(&buf, 2048, 0, &counts).unwrap();
+        assert_eq!(counts.written.load(Relaxed), 16 << 10);
     }
 }

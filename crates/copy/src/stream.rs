@@ -59,7 +59,7 @@ pub(crate) fn import<R: Read>(
         }
         abort.store(true, Relaxed);
     };
-    let sparse = settings.sparse && sink.zero_detection_pays();
+    let sparse = sink.sparse_block(settings.sparse_block);
     let jobs = settings.jobs.max(1);
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(jobs * 2);
     let rx = Mutex::new(rx);
@@ -117,6 +117,7 @@ pub(crate) fn import<R: Read>(
         data_written: counts.written.load(Relaxed),
         zero_detected: counts.zero_detected.load(Relaxed),
         unallocated: size - read.load(Relaxed).min(size),
+        zeroed: 0,
     })
 }
 

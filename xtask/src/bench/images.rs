@@ -52,7 +52,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     let port_bm = scratch.join("port.bitmap");
     sh(Command::new(&info)
         .arg("--bitmap")
-        .arg("--output")
+        .arg("--bitmap-file")
         .arg(&ours_bm)
         .arg(&big))?;
     sh(Command::new("python3")
@@ -73,7 +73,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         &[
             contender(
                 "sparsekit qcow2-info --bitmap",
-                &[&info, &"--bitmap", &"--output", &"/dev/null", &big],
+                &[&info, &"--bitmap", &"--bitmap-file", &"/dev/null", &big],
             ),
             contender(
                 "XCP-ng sm walk (Python port) bitmap",

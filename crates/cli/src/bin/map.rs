@@ -5,51 +5,12 @@ use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sparsekit_cli::args::{FormatArg, ImageArgs};
+use sparsekit_cli::cmd::map::Args;
 use sparsekit_cli::exit::{finish, parse_args};
-use sparsekit_cli::human::{Table, describe, format_size, parse_size};
+use sparsekit_cli::human::{Table, describe, format_size};
 use sparsekit_cli::{nbdinfo, qemu};
 use sparsekit_copy::map::{Description, clamp_range};
 use sparsekit_copy::{Opened, Purpose, SourceError, Spec};
-
-/// Show where the data of a file, block device or disk image is.
-#[derive(Debug, clap::Parser)]
-#[command(name = "map", version)]
-struct Args {
-    /// A regular file, block device or qcow2 image (the format is detected
-    /// by magic), or an NBD URI (nbd://HOST/EXPORT or nbd://HOST:PORT/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH).
-    source: String,
-    /// Print a JSON array value-equal to `qemu-img map --output=json`
-    /// (with --bitmap or --context: to `nbdinfo --map=CTX --json`).
-    #[arg(long)]
-    json: bool,
-    /// The image format, instead of detecting it.
-    #[arg(short = 'f', long, value_enum)]
-    format: Option<FormatArg>,
-    #[command(flatten)]
-    image: ImageArgs,
-    /// First byte to map (qemu-img's --start-offset); k, M, G, T suffixes.
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    start: u64,
-    /// Bytes to map from --start (qemu-img's --max-length).
-    #[arg(long, value_parser = parse_size)]
-    length: Option<u64>,
-    /// Map the persistent dirty bitmap NAME of a qcow2 image, read offline,
-    /// as `qemu-nbd -B NAME` would export it (on an NBD source: the context
-    /// `qemu:dirty-bitmap:NAME`).
-    #[arg(long, value_name = "NAME", conflicts_with = "context")]
-    bitmap: Option<String>,
-    /// Print the bmap of SOURCE, as `bmaptool create` writes it (format
-    /// 2.0, 4 KiB blocks, SHA-256 of each range, hashed in parallel), for
-    /// `copy --bmap` or `bmaptool copy --bmap`.
-    #[arg(long, conflicts_with_all = ["json", "context", "bitmap", "start", "length"])]
-    bmap: bool,
-    /// NBD: map this meta context (e.g. `qemu:dirty-bitmap:NAME`,
-    /// `qemu:allocation-depth`); with --json as `nbdinfo --map=CTX --json`.
-    #[arg(long, value_name = "CTX")]
-    context: Option<String>,
-}
 
 fn main() -> ExitCode {
     match parse_args::<Args>() {
@@ -61,7 +22,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let context = (args.context.clone())
         .or_else(|| (args.bitmap.as_ref()).map(|b| format!("qemu:dirty-bitmap:{b}")));
-    let mut open = args.image.open_options(args.format, Purpose::Map);
+    let mut open = (args.nbd).apply(args.image.open_options(args.format, Purpose::Map));
     open.contexts.extend(context.clone());
     if args.bmap {
         // Ranges are hashed in parallel: one connection each.
@@ -72,7 +33,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     match &context {
         None if args.bmap => src.bmap()?.write_xml(&mut out)?,
         Some(ctx) => status(&args, &src, ctx, &mut out)?,
-        None if args.json => {
+        None if args.json() => {
             let range = clamp_range(args.start, args.length, src.qemu_size());
             let r = src.qemu_map(range, |entries| {
                 qemu::write_json_map(&mut out, entries, args.start)
@@ -134,7 +95,7 @@ fn status(args: &Args, src: &Opened, ctx: &str, out: &mut impl Write) -> anyhow:
     let range = clamp_range(args.start, args.length, src.size());
     let extents = src.status_map(ctx, range)?;
     let entries = sparsekit_nbd::map::nbdinfo_map(ctx, extents);
-    if args.json {
+    if args.json() {
         return Ok(nbdinfo::write_json(out, &entries)?);
     }
     let size = format_size(src.size());

@@ -2,53 +2,16 @@
 //! whether it is consistent.
 
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use sparsekit_cli::args::{FormatArg, ImageArgs};
+use sparsekit_cli::args::FormatArg;
+use sparsekit_cli::cmd::qcow2_info::Args;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::info::{allocation, write_bitmap, write_check, write_human};
 use sparsekit_copy::{Opened, Purpose, Spec, open_local};
 use sparsekit_qcow2::{ChainInfo, Layer, Qcow2};
-
-/// Show what a qcow2 image is, how much of it is allocated, and whether it
-/// is consistent.
-#[derive(Debug, clap::Parser)]
-#[command(name = "qcow2-info", version)]
-#[command(group = clap::ArgGroup::new("mode").args(["bitmap", "allocated", "check"]))]
-struct Args {
-    /// The qcow2 image.
-    image: PathBuf,
-    #[command(flatten)]
-    open: ImageArgs,
-    /// JSON value-equal to `qemu-img info --output=json` (with --check: to
-    /// `qemu-img check --output=json`), plus an `allocation` object.
-    #[arg(long)]
-    json: bool,
-    /// One entry per image of the backing chain, as qemu-img does.
-    #[arg(long)]
-    backing_chain: bool,
-    /// Write the allocation bitmap: one bit per cluster of the virtual
-    /// disk, bit i%8 of byte i/8 set when cluster i has host data in this
-    /// image.
-    #[arg(long)]
-    bitmap: bool,
-    /// With --bitmap: compress it with zlib.
-    #[arg(long, requires = "bitmap")]
-    zlib: bool,
-    /// With --bitmap: write it to FILE instead of standard output.
-    #[arg(long, requires = "bitmap", value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Print allocated clusters × cluster size, as a plain number.
-    #[arg(long)]
-    allocated: bool,
-    /// Check consistency like `qemu-img check`: exit status 0 clean,
-    /// 2 corruption, 3 leaks only, 1 the check could not run.
-    #[arg(long)]
-    check: bool,
-}
 
 fn main() -> ExitCode {
     match parse_args::<Args>() {
@@ -71,7 +34,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Damaged tables are what a check reports, not reasons to refuse.
         let (file, chain) = open_local(&args.image, &open)?;
         let r = Qcow2::check_file(file, &args.image, &chain)?;
-        if args.json {
+        if args.json() {
             serde_json::to_writer_pretty(&mut out, &r)?;
             writeln!(out)?;
         } else {
@@ -86,7 +49,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let (img, top) = (img.image(), img.image().top());
     if args.bitmap {
-        write_bitmap(top, args.zlib, args.output.as_deref(), &mut out)?;
+        write_bitmap(top, args.zlib, args.bitmap_file.as_deref(), &mut out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.allocated {
@@ -110,7 +73,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         entries.push(v);
     }
-    if args.json {
+    if args.json() {
         let v = if args.backing_chain {
             Value::from(entries)
         } else {
