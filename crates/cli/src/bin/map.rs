@@ -29,7 +29,8 @@ struct Args {
     format: Option<FormatArg>,
     #[command(flatten)]
     image: ImageArgs,
-    /// First byte to map (qemu-img's --start-offset); k, M, G, T suffixes.
+    /// First byte to map (qemu-img's --start-offset): a size as qemu-img
+    /// reads it, such as 4096, 0x1000, 64k or 1.5G.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     start: u64,
     /// Bytes to map from --start (qemu-img's --max-length).
