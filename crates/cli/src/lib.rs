@@ -10,6 +10,8 @@
 //!   as qemu-img reads them.
 //! - [`info`]: `qemu-img info` and `qemu-img check`'s human output.
 //! - [`progress`]: the copy's progress bar.
+//! - `sys` (private): the crate's only `unsafe` code, `localtime_r` for
+//!   snapshot dates.
 //! - [`exit`]: error reporting shared by the binaries: broken pipes are
 //!   success, everything else prints `tool: error: cause` and fails.
 //!
@@ -27,3 +29,4 @@ pub mod nbdinfo;
 pub mod progress;
 pub mod qemu;
 pub mod size;
+mod sys;
