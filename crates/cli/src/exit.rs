@@ -12,11 +12,16 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Parses the command line; on a usage error prints clap's message and
-/// gives exit code 1 (not clap's 2, which `qcow2-info --check` uses for
-/// "corruption found"); `--help` and `--version` give 0.
+/// Parses the command line; on a usage error prints clap's message after
+/// the tool's name (`map: error: unexpected argument`, as `finish` prints
+/// every other error) and gives exit code 1 (not clap's 2, which
+/// `qcow2-info --check` uses for "corruption found"); `--help` and
+/// `--version` give 0.
 pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
     T::try_parse().map_err(|e| {
+        if e.use_stderr() {
+            eprint!("{}: ", T::command().get_name());
+        }
         let _ = e.print();
         if e.use_stderr() {
             ExitCode::FAILURE

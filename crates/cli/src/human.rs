@@ -1,4 +1,5 @@
-//! Sizes for people and from people, and the `map` table.
+//! Sizes for people, and the `map` table. Sizes from people are
+//! [`crate::size`]'s, re-exported here as [`parse_size`].
 
 use std::io::{self, Write};
 
@@ -38,38 +39,9 @@ pub fn format_size(n: u64) -> String {
     format!("{s} {}", UNITS[u])
 }
 
-/// Parses `123`, `4k`, `16M`, `2G`, `1T`, `1P`, `1E` (binary units, upper
-/// or lower case, optional `B`/`iB`), as qemu-img takes sizes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| {
-            t.strip_suffix('B')
-                .filter(|r| r.ends_with(|c: char| c.is_alphabetic()))
-        })
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some(c @ ('k' | 'K' | 'm' | 'M' | 'g' | 'G' | 't' | 'T' | 'p' | 'P' | 'e' | 'E')) => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                _ => 60,
-            };
-            (&t[..t.len() - 1], shift)
-        }
-        _ => (t, 0),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| {
-            format!("{s:?} is not a size (a number with an optional k, M, G, T, P or E suffix)")
-        })
-}
+/// Sizes from people, as qemu-img reads them (kept here for the
+/// binaries' `value_parser`s).
+pub use crate::size::parse_size;
 
 /// Writes the `map` table: a header, one line per extent, nothing else.
 /// Totals are gathered in [`Totals`] and summarised by [`Totals::summary`].
@@ -295,19 +267,6 @@ mod tests {
         assert_eq!(format_size((1 << 40) - 1_118_208), "1 TiB");
         assert_eq!(format_size(1023 * 1024), "1023 KiB");
         assert_eq!(format_size(u64::MAX), "16 EiB");
-    }
-
-    #[test]
-    fn sizes_from_people() {
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("16M"), Ok(16 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-        assert!(parse_size("17E").is_err(), "overflow");
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("").is_err());
     }
 
     #[test]

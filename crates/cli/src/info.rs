@@ -115,6 +115,73 @@ pub fn size_line(label: &str, n: u64) -> String {
     format!("{label}: {} ({n} bytes)", format_size(n))
 }
 
+/// One line of `qemu-img info`'s snapshot list from the JSON of one
+/// snapshot, or the list's header for `None`: qemu's `bdrv_snapshot_dump`
+/// (block/qapi.c, columns as of qemu 9.1). The date is local time, as
+/// qemu-img prints it (GLib's `g_date_time_new_from_unix_local`: `TZ`,
+/// else /etc/localtime).
+pub fn snapshot_row(sn: Option<&Value>) -> String {
+    let (id, name, size, date, clock, icount) = match sn {
+        None => (
+            "ID".into(),
+            "TAG".into(),
+            "VM_SIZE".into(),
+            "DATE".into(),
+            "VM_CLOCK".into(),
+            "ICOUNT".into(),
+        ),
+        Some(sn) => {
+            let s = |k: &str| sn[k].as_str().unwrap_or("").to_owned();
+            let n = |k: &str| sn[k].as_u64().unwrap_or(0);
+            (
+                s("id"),
+                s("name"),
+                format_size(n("vm-state-size")),
+                snapshot_date(n("date-sec")),
+                vm_clock(n("vm-clock-sec"), n("vm-clock-nsec")),
+                // qemu's -1, "none recorded", is absent from the JSON.
+                sn["icount"].as_u64().map_or("--".into(), |i| i.to_string()),
+            )
+        }
+    };
+    // printf's "%-7s %-16s %8s %19s %15s %10s": widths in bytes.
+    let pad = |s: &str, width: usize| " ".repeat(width.saturating_sub(s.len()));
+    format!(
+        "{id}{} {name}{} {}{size} {}{date} {}{clock} {}{icount}",
+        pad(&id, 7),
+        pad(&name, 16),
+        pad(&size, 8),
+        pad(&date, 19),
+        pad(&clock, 15),
+        pad(&icount, 10),
+    )
+}
+
+/// `2026-12-02 04:25:56`: seconds since the Epoch in local time; the bare
+/// number where the C library cannot convert it.
+pub fn snapshot_date(secs: u64) -> String {
+    match crate::sys::local_time(secs) {
+        Some(t) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year, t.month, t.day, t.hour, t.minute, t.second
+        ),
+        None => secs.to_string(),
+    }
+}
+
+/// The guest's run time as qemu prints it, `HHHH:MM:SS.mmm` (hours at
+/// least four digits, milliseconds truncated), from the JSON's split of
+/// `vm_clock_nsec` into seconds and nanoseconds.
+pub fn vm_clock(secs: u64, nsec: u64) -> String {
+    format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        nsec / 1_000_000
+    )
+}
+
 /// A `qemu-img info`-like summary from the JSON of one layer.
 pub fn write_human(w: &mut impl Write, v: &Value, alloc: Option<&Value>) -> io::Result<()> {
     let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
@@ -138,20 +205,9 @@ pub fn write_human(w: &mut impl Write, v: &Value, alloc: Option<&Value>) -> io::
     }
     if let Some(snaps) = v["snapshots"].as_array() {
         writeln!(w, "Snapshot list:")?;
-        writeln!(
-            w,
-            "ID        TAG               VM SIZE                DATE     VM CLOCK"
-        )?;
+        writeln!(w, "{}", snapshot_row(None))?;
         for sn in snaps {
-            writeln!(
-                w,
-                "{:<9} {:<17} {:>7} {:>20} {:>12}",
-                sn["id"].as_str().unwrap_or(""),
-                sn["name"].as_str().unwrap_or(""),
-                format_size(sn["vm-state-size"].as_u64().unwrap_or(0)),
-                sn["date-sec"].as_u64().unwrap_or(0),
-                sn["vm-clock-sec"].as_u64().unwrap_or(0)
-            )?;
+            writeln!(w, "{}", snapshot_row(Some(sn)))?;
         }
     }
     if let Some(fs) = v.get("format-specific") {
@@ -212,6 +268,43 @@ pub fn write_bitmap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_clock_like_qemu() {
+        assert_eq!(vm_clock(0, 0), "0000:00:00.000");
+        assert_eq!(vm_clock(3723, 456_789_012), "0001:02:03.456");
+        assert_eq!(vm_clock(59, 999_999_999), "0000:00:59.999");
+        // More than 9999 hours: the field grows, as printf's does.
+        assert_eq!(vm_clock(45_000_000, 0), "12500:00:00.000");
+    }
+
+    #[test]
+    fn snapshot_rows_keep_qemus_columns() {
+        assert_eq!(
+            snapshot_row(None),
+            "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT"
+        );
+        let sn = serde_json::json!({
+            "id": "1", "name": "snap1", "vm-state-size": 0, "date-sec": 0,
+            "date-nsec": 0, "vm-clock-sec": 3723, "vm-clock-nsec": 456_000_000,
+        });
+        let row = snapshot_row(Some(&sn));
+        // The date is local: check everything around it.
+        let date = snapshot_date(0);
+        assert_eq!(
+            row,
+            format!("1       snap1                 0 B {date:>19}  0001:02:03.456         --")
+        );
+        // A long name pushes the rest right, as printf does; widths count
+        // bytes (é is two).
+        let sn = serde_json::json!({"id": "2", "name": "é".repeat(10), "icount": 7});
+        let row = snapshot_row(Some(&sn));
+        assert!(
+            row.starts_with(&format!("2       {}      0 B ", "é".repeat(10))),
+            "{row:?}"
+        );
+        assert!(row.ends_with("  0000:00:00.000          7"), "{row:?}");
+    }
 
     #[test]
     fn tree_like_qemu_img() {

@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -53,7 +52,7 @@ impl Reporter {
                 nbdcopy: false,
             }),
             Mode::Fd(fd) => Some(Lines {
-                out: Box::new(File::from(dup_fd(fd)?)),
+                out: Box::new(File::from(crate::sys::dup_fd(fd)?)),
                 nbdcopy: true,
             }),
             Mode::Off | Mode::Bar => None,
@@ -120,22 +119,6 @@ impl std::fmt::Debug for Lines {
             .field("nbdcopy", &self.nbdcopy)
             .finish()
     }
-}
-
-/// A descriptor of our own onto `fd`, checked to be open.
-fn dup_fd(fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl with F_DUPFD_CLOEXEC only reads its integer arguments;
-    // a descriptor that is not open gives EBADF.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if new < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("--progress={fd}: file descriptor {fd} is not open: {e}"),
-        ));
-    }
-    // SAFETY: `new` was just made by fcntl and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 impl Progress for Reporter {

@@ -74,7 +74,10 @@ fn version_names_sparsekit() {
     }
     // qcow2-info opens no NBD URI: it offers no NBD flags.
     let (help, _) = ok(&tool("qcow2-info", &["--help"]), "qcow2-info --help");
-    assert!(!help.contains("--timeout") && !help.contains("--tls"), "{help}");
+    assert!(
+        !help.contains("--timeout") && !help.contains("--tls"),
+        "{help}"
+    );
     let (help, _) = ok(&tool("map", &["--help"]), "map --help");
     assert!(help.contains("--timeout") && help.contains("--tls-certificates"));
 }

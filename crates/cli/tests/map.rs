@@ -214,7 +214,7 @@ fn errors_name_the_file_and_exit_1() {
 
     let o = map(&["--start", "12Q"], &fifo);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a size"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid size '12Q'"));
 }
 
 /// Root reads anything, so the permission error is provoked as nobody.

@@ -372,6 +372,44 @@ fn map_bitmap_equals_nbdinfo_over_qemu_nbd() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
 }
 
+/// `--bitmap` with a name the image lacks: map and copy both say which
+/// bitmaps it has (or that it has none), before anything is written.
+#[test]
+fn a_missing_bitmap_lists_the_images_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    let i = img.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
+    let dest = dir.path().join("dest.raw");
+    std::fs::write(&dest, vec![0u8; 1 << 20]).unwrap();
+    let d = dest.to_str().unwrap();
+    let both = |wanted: &str| {
+        let map = tool(env!("CARGO_BIN_EXE_map"), &["--bitmap", wanted], &img);
+        let copy = Command::new(env!("CARGO_BIN_EXE_copy"))
+            .args(["--bitmap", wanted, i, d])
+            .output()
+            .unwrap();
+        [("map", map), ("copy", copy)]
+    };
+    for (name, o) in both("b0") {
+        assert_fails(
+            &o,
+            name,
+            r#"no bitmap named "b0" (the image has no bitmaps)"#,
+        );
+    }
+    run("qemu-img", &["bitmap", "--add", i, "bo"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "128k", i, "daily"]);
+    for (name, o) in both("b0") {
+        assert_fails(
+            &o,
+            name,
+            r#"no bitmap named "b0" (the image has bitmaps "bo", "daily")"#,
+        );
+    }
+    assert_eq!(std::fs::read(&dest).unwrap(), vec![0u8; 1 << 20]);
+}
+
 fn blocks(p: &Path) -> u64 {
     std::fs::File::open(p).unwrap().sync_data().unwrap();
     std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap())

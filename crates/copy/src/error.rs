@@ -23,8 +23,9 @@ pub enum OpenError {
     /// An NBD server could not be reached or refused the handshake.
     #[error(transparent)]
     Nbd(#[from] sparsekit_nbd::Error),
-    /// A string that starts like an NBD URI but is not a usable one.
-    #[error("{spec}: not a usable NBD URI")]
+    /// A string that starts like an NBD URI but is not a usable one. The
+    /// cause quotes the string, so the message does not.
+    #[error("not a usable NBD URI")]
     Uri {
         /// The string given.
         spec: String,

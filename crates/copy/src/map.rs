@@ -83,8 +83,9 @@ pub enum MapError {
         /// Why.
         why: &'static str,
     },
-    /// The source failed; the map stopped at `offset`.
-    #[error("{name}: map stopped at offset {offset:#x}")]
+    /// The source failed; the map stopped at `offset`. The source is
+    /// named unless its error does so already (most do).
+    #[error("{}stopped mapping at offset {offset:#x}", unless_named(.name, .source))]
     Stopped {
         /// The source.
         name: String,
@@ -94,6 +95,20 @@ pub enum MapError {
         #[source]
         source: SourceError,
     },
+}
+
+/// `NAME: `, or nothing when `source`'s message starts with that already:
+/// `map: error: disk.raw: stopped mapping at offset 0x0: disk.raw: FIEMAP`
+/// said the name twice.
+fn unless_named(name: &str, source: &SourceError) -> String {
+    let prefix = format!("{name}: ");
+    // qcow2's errors are the file's name with the cause behind it.
+    let said = source.to_string();
+    if said == name || said.starts_with(&prefix) {
+        String::new()
+    } else {
+        prefix
+    }
 }
 
 /// The range qemu-img maps for `--start-offset start --max-length length`
@@ -497,6 +512,32 @@ mod tests {
         let got: Vec<_> = bitmap_extents(dirty.into_iter(), 0..100).collect();
         assert_eq!(got.len(), 2);
         assert!(got[1].is_err());
+    }
+
+    #[test]
+    fn a_stopped_map_names_the_source_once() {
+        let stopped = |source: &str| {
+            MapError::Stopped {
+                name: "d.raw".into(),
+                offset: 0x1000,
+                source: source.into(),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            stopped("d.raw: FIEMAP at offset 0x1000"),
+            "stopped mapping at offset 0x1000"
+        );
+        // qcow2's errors: the file's name, the cause behind it.
+        assert_eq!(stopped("d.raw"), "stopped mapping at offset 0x1000");
+        assert_eq!(
+            stopped("no bitmap named \"x\""),
+            "d.raw: stopped mapping at offset 0x1000"
+        );
+        assert_eq!(
+            stopped("d.raw.bak: gone"),
+            "d.raw: stopped mapping at offset 0x1000"
+        );
     }
 
     fn entries(v: &[Extent], size: u64, range: Range<u64>) -> Vec<MapEntry> {

@@ -822,13 +822,10 @@ fn verify_sink(
             source,
         })
     })?;
-    let mapper = sparsekit_fiemap::Mapper::from_file(file, path).map_err(|e| {
-        fail(Error::OpenDest {
-            path: path.to_owned(),
-            what: "opening for verification",
-            source: std::io::Error::other(e),
-        })
-    })?;
+    // The mapper's error names the file already: wrapping it in OpenDest
+    // printed the path twice.
+    let mapper = sparsekit_fiemap::Mapper::from_file(file, path)
+        .map_err(|e| fail(Error::Source(Box::new(e))))?;
     crate::verify::verify(source, &RawSource::new(mapper), settings, progress, stop)
 }
 

@@ -1,7 +1,7 @@
 //! Where the data of a local file or block device is.
 //!
 //! [`Mapper`] opens a regular file or block device read-only and yields its
-//! map as a stream of [`Extent`]s over any byte range ([`Mapper::extents`]),
+//! map as a stream of [`Extent`](sparsekit_extent::Extent)s over any byte range ([`Mapper::extents`]),
 //! coalesced and gap-free, without collecting it: a file with a million
 //! extents is mapped in a few hundred kilobytes.
 //!
@@ -13,7 +13,8 @@
 //!    FIEMAP data-loss bug of cp and bmaptool came from mapping without it),
 //!    and a large extent buffer so that few calls are needed. Extents
 //!    flagged `UNWRITTEN` (fallocated, never written) read as zeros and are
-//!    reported as [`Kind::Zero`]; gaps between extents are [`Kind::Hole`].
+//!    reported as [`Kind::Zero`](sparsekit_extent::Kind::Zero); gaps between
+//!    extents are [`Kind::Hole`](sparsekit_extent::Kind::Hole).
 //! 2. [`Method::SeekData`]: `lseek` with `SEEK_DATA`/`SEEK_HOLE`, when the
 //!    file system has no FIEMAP (tmpfs, many network file systems). It sees
 //!    the page cache, so unflushed data is found; it cannot tell unwritten

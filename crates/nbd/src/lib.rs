@@ -48,21 +48,66 @@
 //! for a request refused before it is sent, [`Error`] for everything a
 //! client call reports (each naming the URI, and the offset where known).
 //!
-//! ```no_run
-//! use sparsekit_nbd::{Client, Kind};
+//! Reading an export's map and data, from an nbdkit started here on a Unix
+//! socket (1 MiB holding `hello` at 64 KiB; the rest was never written):
 //!
-//! let mut c = Client::connect("nbds://nbd.example/disk?tls-certificates=/etc/pki/qemu")?;
-//! assert!(c.is_tls());
-//! let size = c.size();
-//! let mut buf = vec![0u8; 1 << 20];
-//! let extents: Vec<_> = c.map(0..size)?.collect::<Result<_, _>>()?;
-//! for e in extents {
-//!     if e.kind == Kind::Data && e.length <= buf.len() as u64 {
-//!         c.read(e.offset, &mut buf[..e.length as usize])?;
+//! ```
+//! use std::process::{Child, Command, Stdio};
+//! use std::time::Duration;
+//! use sparsekit_nbd::{Client, Extent, Kind};
+//!
+//! /// The server, killed when dropped, even if an assertion fails.
+//! struct Server(Child);
+//! impl Drop for Server {
+//!     fn drop(&mut self) {
+//!         let _ = self.0.kill();
+//!         let _ = self.0.wait();
 //!     }
 //! }
-//! # Ok::<(), sparsekit_nbd::Error>(())
+//!
+//! let dir = tempfile::tempdir()?;
+//! let socket = dir.path().join("nbd.sock");
+//! let _server = Server(
+//!     Command::new("nbdkit")
+//!         .args(["-f", "--exit-with-parent", "-U"])
+//!         .arg(&socket)
+//!         .args(["data", r#"@65536 "hello""#, "size=1M"])
+//!         .stdin(Stdio::null())
+//!         .spawn()?,
+//! );
+//! // nbdkit listens a moment after it starts: retry for up to 5 s.
+//! let uri = format!("nbd+unix:///?socket={}", socket.display());
+//! let mut tries = 0;
+//! let mut client = loop {
+//!     match Client::connect(&uri) {
+//!         Ok(c) => break c,
+//!         Err(_) if tries < 500 => tries += 1,
+//!         Err(e) => return Err(e.into()),
+//!     }
+//!     std::thread::sleep(Duration::from_millis(10));
+//! };
+//!
+//! let size = client.size();
+//! assert_eq!(size, 1 << 20);
+//! let map: Vec<Extent> = client.map(0..size)?.collect::<Result<_, _>>()?;
+//! sparsekit_extent::check_map(&map, 0..size)?;
+//! // One run of data around "hello" (nbdkit allocates 32 KiB pages), holes
+//! // around it.
+//! let data: Vec<&Extent> = map.iter().filter(|e| e.kind == Kind::Data).collect();
+//! assert_eq!(data.len(), 1, "{map:?}");
+//! assert!(data[0].offset <= 65536 && 65536 + 5 <= data[0].offset + data[0].length);
+//! assert!(map.iter().all(|e| e.kind == Kind::Data || e.kind == Kind::Hole));
+//! let mut hello = [0; 5];
+//! client.read(65536, &mut hello)?;
+//! assert_eq!(&hello, b"hello");
+//! client.close()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Over TLS the calls are the same: connect to an `nbds://` or
+//! `nbds+unix://` URI, with `tls-certificates=DIR` for the client's
+//! certificates and CA (or [`ClientConfig::tls_certificates`]), and
+//! [`Client::is_tls`] says the session is encrypted.
 //!
 //! The sans-IO handshake, driven by hand:
 //!

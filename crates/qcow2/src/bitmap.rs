@@ -310,11 +310,14 @@ impl Qcow2 {
                 self.header().autoclear_features,
             ));
         }
-        let b = self
-            .bitmaps()?
-            .into_iter()
-            .find(|b| b.name == name)
-            .ok_or_else(|| Error::NoSuchBitmap { name: name.into() })?;
+        let mut bitmaps = self.bitmaps()?;
+        let Some(i) = bitmaps.iter().position(|b| b.name == name) else {
+            return Err(Error::NoSuchBitmap {
+                name: name.into(),
+                available: bitmaps.into_iter().map(|b| b.name).collect(),
+            });
+        };
+        let b = bitmaps.swap_remove(i);
         if b.in_use() {
             return Err(bad(
                 name,

@@ -3,6 +3,16 @@
 use std::io;
 use std::path::PathBuf;
 
+/// `the image has bitmaps "a", "b"`, or `the image has no bitmaps`.
+fn bitmap_list(names: &[String]) -> String {
+    if names.is_empty() {
+        return "the image has no bitmaps".into();
+    }
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let s = if names.len() == 1 { "" } else { "s" };
+    format!("the image has bitmap{s} {}", quoted.join(", "))
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -234,11 +244,14 @@ pub enum Error {
         /// The virtual size.
         size: u64,
     },
-    /// A persistent dirty bitmap that is not in the image.
-    #[error("no bitmap named {name:?}")]
+    /// A persistent dirty bitmap that is not in the image; the message
+    /// lists the ones that are, since a typo is the usual cause.
+    #[error("no bitmap named {name:?} ({})", bitmap_list(.available))]
     NoSuchBitmap {
         /// The name asked for.
         name: String,
+        /// The names of the image's bitmaps, in directory order.
+        available: Vec<String>,
     },
     /// A bitmap directory entry or bitmap table entry that is invalid.
     #[error("bitmap {name:?}: {problem} (value {value:#x})")]

@@ -90,6 +90,30 @@ fn enabled_bitmaps_dirtied_by_qemu_io() {
     assert!(assert_same(&d, "a.qcow2", "off").is_empty());
     let e = q.dirty_ranges("nope").unwrap_err();
     assert!(matches!(e, Error::NoSuchBitmap { .. }));
+    assert_eq!(
+        e.to_string(),
+        r#"no bitmap named "nope" (the image has bitmaps "b64k", "b512k", "off")"#
+    );
+}
+
+/// A misspelt name is the usual reason: the error says what there is.
+#[test]
+fn a_missing_bitmap_names_the_ones_there_are() {
+    let d = Dir::new();
+    d.create("none.qcow2", "", "1M");
+    let q = Qcow2::open(d.path("none.qcow2")).unwrap();
+    let e = q.dirty_ranges("b0").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"no bitmap named "b0" (the image has no bitmaps)"#
+    );
+    d.img(&["bitmap", "--add", "none.qcow2", "bo"]);
+    let q = Qcow2::open(d.path("none.qcow2")).unwrap();
+    let e = q.dirty_ranges("b0").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"no bitmap named "b0" (the image has bitmap "bo")"#
+    );
 }
 
 #[test]

@@ -13,6 +13,30 @@
 //!   or a TCP port bound here ([`Server::start_tcp`]); [`make_certs`] makes
 //!   the X.509 certificates of a TLS test with openssl, laid out as qemu
 //!   and nbdkit read them.
+//!
+//! A test compares with its oracle; here, qemu-img's map of a file with
+//! one run of data:
+//!
+//! ```
+//! use std::os::unix::fs::FileExt;
+//! use sparsekit_testkit::{canonical_map, qemu_img_map, require};
+//!
+//! assert!(require("qemu-img").is_file());
+//! let dir = std::env::temp_dir().join(format!("testkit-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("disk.raw");
+//! let f = std::fs::File::create(&path).unwrap();
+//! f.set_len(1 << 20).unwrap();
+//! f.write_all_at(&[1; 4096], 64 << 10).unwrap();
+//! let map = canonical_map(&qemu_img_map(&path, "raw", &[]));
+//! std::fs::remove_dir_all(&dir).unwrap();
+//! // A hole, the 4 KiB of data, a hole.
+//! assert_eq!(map.len(), 3, "{map:?}");
+//! let data = &map[1];
+//! assert_eq!(data["start"], 64 << 10);
+//! assert_eq!(data["length"], 4096);
+//! assert_eq!(data["data"], true);
+//! ```
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

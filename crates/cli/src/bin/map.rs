@@ -9,7 +9,7 @@ use sparsekit_cli::cmd::map::Args;
 use sparsekit_cli::exit::{finish, parse_args};
 use sparsekit_cli::human::{Table, describe, format_size};
 use sparsekit_cli::{nbdinfo, qemu};
-use sparsekit_copy::map::{Description, clamp_range};
+use sparsekit_copy::map::{Description, MapError, clamp_range};
 use sparsekit_copy::{Opened, Purpose, SourceError, Spec};
 
 fn main() -> ExitCode {
@@ -53,8 +53,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn stopped(src: &Opened, offset: u64, e: qemu::JsonMapError<SourceError>) -> anyhow::Error {
     match e {
         qemu::JsonMapError::Io(e) => anyhow::Error::new(e).context("writing to standard output"),
-        qemu::JsonMapError::Source(e) => anyhow::Error::from_boxed(e)
-            .context(format!("{}: map stopped at offset {offset:#x}", src.name())),
+        qemu::JsonMapError::Source(source) => MapError::Stopped {
+            name: src.name().to_owned(),
+            offset,
+            source,
+        }
+        .into(),
     }
 }
 
@@ -81,9 +85,12 @@ fn table(args: &Args, src: &Opened, out: &mut impl Write) -> anyhow::Result<()> 
     if let Some(e) = failed {
         out.flush().ok();
         let at = range.start + totals.data + totals.zero + totals.hole;
-        return Err(
-            anyhow::Error::from_boxed(e).context(format!("{name}: map stopped at offset {at:#x}"))
-        );
+        return Err(MapError::Stopped {
+            name: name.to_owned(),
+            offset: at,
+            source: e,
+        }
+        .into());
     }
     writeln!(out, "{}", totals.summary())?;
     Ok(())
