@@ -152,6 +152,27 @@ pub fn run() -> anyhow::Result<()> {
         Command::new(&map).arg(&many_out),
         4,
     )?;
+    show(
+        "copy --json: the result for programs, exact bytes (-p, -q, -n, -S, --target-is-zero as qemu-img spells them)",
+        Command::new(&copy)
+            .arg("--json")
+            .arg(&top)
+            .arg(dir.join("top-again.raw")),
+        5,
+    )?;
+    show(
+        "map --output=json with qemu-img's names and sizes: 0x100000, 1.5M",
+        Command::new(&map)
+            .args([
+                "--output=json",
+                "--start-offset",
+                "0x100000",
+                "--max-length",
+                "1.5M",
+            ])
+            .arg(&holes),
+        5,
+    )?;
     // A usage error never costs a file: the copy is refused before DEST is
     // opened for writing, and DEST keeps every byte.
     let before = std::fs::read(&many_out)?;
