@@ -183,9 +183,10 @@ impl<W: Write> Table<W> {
         })
     }
 
-    /// One line: offset, length in bytes and in units, kind, and the host
-    /// offset where there is one (with the backing layer it is in, when
-    /// `depth > 0`).
+    /// One line: offset, length in bytes and in units, kind, and in the
+    /// host column the host offset, or `compressed` for data stored
+    /// compressed (which has no offset of its own), or `-`; then the
+    /// backing layer the row is in, when `depth > 0`.
     pub fn row(&mut self, r: &Row) -> io::Result<()> {
         let e = &r.extent;
         self.totals.add(e);
@@ -208,6 +209,8 @@ impl<W: Write> Table<W> {
                     let mut hex = [0u8; 18];
                     pad_left(line, hex_prefixed(h, &mut hex), 16);
                 }
+                // qemu-img gives a compressed cluster no host offset: say why.
+                None if r.compressed => pad_left(line, b"compressed", 16),
                 None => pad_left(line, b"-", 16),
             }
             if r.depth > 0 {
@@ -456,6 +459,7 @@ mod tests {
         if host_column {
             match r.host {
                 Some(h) => s += &format!("  {h:>#16x}"),
+                None if r.compressed => s += &format!("  {:>16}", "compressed"),
                 None => s += &format!("  {:>16}", "-"),
             }
             if r.depth > 0 {
@@ -471,6 +475,11 @@ mod tests {
             extent: Extent::new(offset, length, kind),
             host,
             depth,
+            compressed: false,
+        };
+        let compressed = |offset, length, depth| Row {
+            compressed: true,
+            ..row(offset, length, Kind::Data, None, depth)
         };
         let rows = [
             row(0, 1, Kind::Data, Some(0), 0),
@@ -481,6 +490,8 @@ mod tests {
             // Wider than the columns: pushed right, never cut.
             row(u64::MAX - 1, 1, Kind::Data, Some(u64::MAX), u64::MAX),
             row(0, u64::MAX, Kind::Hole, Some(0x1234_5678_9abc_def0), 0),
+            compressed(65536, 196608, 0),
+            compressed(1 << 20, 65536, 2),
         ];
         for host_column in [false, true] {
             for r in &rows {
@@ -506,6 +517,7 @@ mod tests {
                 extent,
                 host: None,
                 depth: 0,
+                compressed: false,
             })
             .unwrap();
         }
