@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use sparsekit_copy::Report;
 use sparsekit_copy::map::{Description, Row};
-use sparsekit_fiemap::FileKind;
+use sparsekit_fiemap::{FileKind, Method};
 
 use sparsekit_extent::{Extent, Kind};
 
@@ -293,12 +293,15 @@ pub fn describe(name: &str, d: &Description) -> (String, bool) {
             size: n,
             method,
         } => {
-            let kind = match kind {
-                FileKind::Regular => "file",
-                FileKind::BlockDevice => "block device",
+            // A block device without a map is mapped as one device-long
+            // extent: "whole file" would misname it.
+            let (kind, how): (&str, &dyn std::fmt::Display) = match (kind, method) {
+                (FileKind::Regular, _) => ("file", &method),
+                (FileKind::BlockDevice, Method::WholeFile) => ("block device", &"whole device"),
+                (FileKind::BlockDevice, _) => ("block device", &method),
             };
             (
-                format!("{name}: raw {kind}, {}, mapped with {method}", size(n)),
+                format!("{name}: raw {kind}, {}, mapped with {how}", size(n)),
                 false,
             )
         }
@@ -506,6 +509,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn raw_sources_say_how_they_are_mapped() {
+        let line = |kind, method| {
+            let d = Description::Raw {
+                kind,
+                size: 1 << 20,
+                method,
+            };
+            describe("x", &d).0
+        };
+        let (file, dev) = (FileKind::Regular, FileKind::BlockDevice);
+        assert_eq!(
+            line(dev, Method::WholeFile),
+            "x: raw block device, 1 MiB (1048576 bytes), mapped with whole device"
+        );
+        assert!(
+            line(file, Method::WholeFile)
+                .ends_with("raw file, 1 MiB (1048576 bytes), mapped with whole file")
+        );
+        assert!(line(file, Method::Fiemap).ends_with("mapped with FIEMAP"));
+        assert!(line(file, Method::SeekData).ends_with("mapped with SEEK_DATA"));
     }
 
     #[test]
