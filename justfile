@@ -19,3 +19,7 @@ fixtures *ARGS:
 # What CI runs.
 ci:
     bash .ci/run
+
+# Release binaries, man pages and shell completions in target/dist.
+dist:
+    cargo xtask dist

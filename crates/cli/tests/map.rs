@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use sparsekit_testkit::{canonical_map, drop_cache, fixture, qemu_img_map, require};
+use sparsekit_testkit::{LoopDevice, canonical_map, drop_cache, fixture, qemu_img_map, require};
 
 fn map(args: &[&str], path: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_map"))
@@ -182,6 +182,35 @@ fn human_output_sums_to_the_size() {
         lines.last().unwrap().contains("% of 64 MiB"),
         "{}",
         lines.last().unwrap()
+    );
+}
+
+/// A block device has no FIEMAP: it is mapped whole, and the table says
+/// so of a device, not of a file.
+#[test]
+fn a_block_device_is_mapped_as_the_whole_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.img");
+    let f = std::fs::File::create(&backing).unwrap();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(&[0x5a; 4096], 1 << 20).unwrap();
+    let disk = LoopDevice::over(&backing);
+    let o = map(&[], &disk.dev);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "{}: raw block device, 4 MiB (4194304 bytes), mapped with whole device",
+            disk.dev.display()
+        )
+    );
+    // All of it data, holes of the backing file included.
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        ["0", "4194304", "4", "MiB", "data"]
     );
 }
 

@@ -82,6 +82,126 @@ fn map_json_equals_qemu_img_map() {
     }
 }
 
+/// The rows of `map IMG`'s table as (start, end, host column, depth).
+fn table_rows(img: &Path) -> Vec<(u64, u64, String, u64)> {
+    let o = tool(env!("CARGO_BIN_EXE_map"), &[], img);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // A line saying what the image is, the header, the rows, the summary.
+    lines[2..lines.len() - 1]
+        .iter()
+        .map(|l| {
+            // offset, length, size, unit, kind, host [in backing file N]
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = |s: &str| s.parse::<u64>().unwrap();
+            let depth = if f.len() > 6 { n(f[9]) } else { 0 };
+            (n(f[0]), n(f[0]) + n(f[1]), f[5].to_owned(), depth)
+        })
+        .collect()
+}
+
+/// The table says `compressed` in the host column exactly where `qemu-img
+/// map` says `"compressed": true`, at the same depth: on an image made
+/// with `qemu-img convert -c`, on the same image after plain writes over
+/// part of it, and on an image whose backing file is compressed.
+#[test]
+fn the_table_marks_the_clusters_qemu_img_calls_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &p("src.raw"), "8M"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 3M 512k",
+            "-c",
+            "write -P 0x33 6M 64k",
+            &p("src.raw"),
+        ],
+    );
+    let (whole, part, top) = (p("whole.qcow2"), p("part.qcow2"), p("top.qcow2"));
+    run(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", &p("src.raw"), &whole],
+    );
+    std::fs::copy(&whole, &part).unwrap();
+    // Plain clusters inside and beside the compressed ones.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 256k 128k",
+            "-c",
+            "write -P 0x55 7M 64k",
+            &part,
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &whole, "-F", "qcow2", &top,
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x66 3M 64k", &top],
+    );
+
+    for img in [&whole, &part, &top] {
+        let img = Path::new(img);
+        let theirs = qemu_img_map(img, "qcow2", &[]);
+        // The JSON map carries the flag already, as qemu-img does.
+        let ours = json_of(env!("CARGO_BIN_EXE_map"), &["--json"], img);
+        assert_eq!(canonical_map(&ours), canonical_map(&theirs));
+
+        let theirs: Vec<(u64, u64, bool, u64)> = canonical_map(&theirs)
+            .iter()
+            .map(|e| {
+                let n = |k: &str| e[k].as_u64().unwrap();
+                let start = n("start");
+                (
+                    start,
+                    start + n("length"),
+                    e["compressed"] == true,
+                    n("depth"),
+                )
+            })
+            .collect();
+        let rows = table_rows(img);
+        // Every byte: marked in the table exactly where qemu-img says so.
+        let mut cuts: Vec<u64> = (rows.iter().flat_map(|r| [r.0, r.1]))
+            .chain(theirs.iter().flat_map(|e| [e.0, e.1]))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for at in &cuts[..cuts.len() - 1] {
+            let row = rows.iter().find(|r| r.0 <= *at && *at < r.1).unwrap();
+            let entry = theirs.iter().find(|e| e.0 <= *at && *at < e.1).unwrap();
+            assert_eq!(
+                (row.2 == "compressed", row.3),
+                (entry.2, entry.3),
+                "{} at {at}: row {row:?}, qemu-img {entry:?}",
+                img.display()
+            );
+        }
+        let marked = rows.iter().filter(|r| r.2 == "compressed").count();
+        assert!(marked > 0, "{}: no compressed rows", img.display());
+    }
+    // The writes into `part` show as plain clusters with their offsets.
+    let plain = table_rows(Path::new(&part));
+    assert!(plain.iter().any(|r| r.2.starts_with("0x")), "{plain:?}");
+}
+
 /// `qemu-img check --output=json`'s count of allocated clusters of the
 /// image at `path` (left out of its JSON when zero).
 fn qemu_allocated_clusters(path: &str) -> u64 {

@@ -29,6 +29,9 @@ pub struct Row {
     pub host: Option<u64>,
     /// Layer of the backing chain that answers (0: the image itself).
     pub depth: u64,
+    /// Stored compressed (qcow2 images only): the data has no host offset
+    /// of its own, as in `qemu-img map`'s `compressed` field.
+    pub compressed: bool,
 }
 
 /// What a source is, for the line above its map.
@@ -178,6 +181,7 @@ impl Opened {
             extent: e,
             host: None,
             depth: 0,
+            compressed: false,
         };
         match self {
             Opened::Raw(r) => prefetch(r.extents(range), |it| {
@@ -189,6 +193,7 @@ impl Opened {
                         extent: e.to_extent(),
                         host: e.offset,
                         depth: e.depth,
+                        compressed: e.compressed,
                     })
                 }))
             }),

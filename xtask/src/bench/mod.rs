@@ -457,88 +457,10 @@ pub(super) fn empty_page_cache() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
 }
 
-/// A group of workloads that `--only` runs alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Only {
-    /// Restores into NBD exports: W1 and W3 into qemu-nbd, W1 into nbdkit
-    /// memory, W1 over TCP with TLS against without.
-    Restore,
-    /// Flashing: bmaps of W1 and W2, copies with them, W1 compressed with
-    /// xz and zstd, against bmaptool.
-    Flash,
-}
-
-pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result<()> {
-    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
-    if let Some(only) = only {
-        START.get_or_init(Instant::now);
-        let load_start = load_average();
-        let bin = release_build()?;
-        let mut md = format!("{RATIOS}\n\n");
-        match only {
-            Only::Restore => restore::run(&mut md, &bin, runs)?,
-            Only::Flash => flash::run(&mut md, &bin, runs)?,
-        }
-        let _ = writeln!(
-            md,
-            "This part took {:.1} min (`--runs {runs}`). Load average (1, 5, 15 min) when it \
-             started: {load_start}; when it ended: {}.\n",
-            START.get_or_init(Instant::now).elapsed().as_secs_f64() / 60.0,
-            load_average()
-        );
-        print!("{md}");
-        return Ok(());
-    }
-    if images_only {
-        let bin = release_build()?;
-        crate::fixtures(true)?;
-        let mut md = format!("{RATIOS}\n\n");
-        images::run(&mut md, &bin, runs)?;
-        print!("{md}");
-        return Ok(());
-    }
-    START.get_or_init(Instant::now);
-    let load_start = load_average();
-    let emptied = empty_page_cache();
-    let bin = release_build()?;
-    crate::fixtures(true)?;
+/// The map workload: a raw file with 200,000 extents, mapped by sparsekit
+/// (JSON and table), qemu-img and filefrag.
+fn map(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()> {
     let map = bin.join("map");
-    let mut md = String::new();
-    let fs = output(
-        Command::new("findmnt")
-            .args(["-no", "FSTYPE", "-T"])
-            .arg(testkit::generated_dir()),
-    )
-    .unwrap_or_default();
-    let _ = write!(
-        md,
-        "# Benchmarks\n\n\
-         Written by `cargo xtask bench` (reproduce with that command; `--runs N` sets the runs \
-         per command, default 5; this file: `--runs {runs}`). Every command runs once to warm \
-         up, then all of a workload's commands take turns, `--runs` times, in the listed order \
-         the first round and a different shuffle (seeded by the round) in each of the others, \
-         so that no command always follows the same one; the median and least wall \
-         times are reported, with standard output sent to /dev/null and peak RSS from wait4 \
-         (xtask's own footprint at spawn is its floor: see the `true` rows).\n\n\
-         {RATIOS}\n\n\
-         {}\n\n\
-         Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
-        if emptied {
-            "Each workload starts on an emptied page cache (sync, then `drop_caches`), so that \
-             no run pays to reclaim the pages of earlier ones."
-        } else {
-            "The page cache could not be emptied between workloads (not root): runs may pay \
-             to reclaim the pages of earlier ones."
-        },
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        memory_gib(),
-        tool_version("uname", "-r"),
-        fs.trim(),
-        tool_version("qemu-img", "--version"),
-        tool_version("filefrag", "-V"),
-    );
-
-    // map: a file with 200,000 extents.
     let f = testkit::fixture("bench-200k-extents.raw");
     testkit::drop_cache(&f);
     let (same, data_extents) = same_map(
@@ -578,15 +500,108 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
          sparsekit's answer is checked equal to qemu-img's before timing.\n",
         display(&f)
     );
-    table(&mut md, &stats);
+    table(md, &stats);
     let _ = writeln!(
         md,
         "\nsparsekit `map --json` against `qemu-img map --output=json`: {:.1}; against \
-         `filefrag -e`: {:.1} (above 1: sparsekit faster).\n",
+         `filefrag -e`: {:.1}. The table (`map FILE`) against `filefrag -e`, both printing \
+         a line per extent: {:.2} (paired, `filefrag -e`'s time ÷ the table's). Above 1: \
+         sparsekit faster.\n",
         ratio(&stats, "qemu-img map"),
         ratio(&stats, "filefrag -e"),
+        Ratio::of(
+            find(&stats, "filefrag -e"),
+            find(&stats, "sparsekit map (table)")
+        ),
+    );
+    Ok(())
+}
+
+/// A group of workloads that `--only` runs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The map workload: a file of 200,000 extents, sparsekit's JSON and
+    /// table against qemu-img map and filefrag -e.
+    Map,
+    /// Restores into NBD exports: W1 and W3 into qemu-nbd, W1 into nbdkit
+    /// memory, W1 over TCP with TLS against without.
+    Restore,
+    /// Flashing: bmaps of W1 and W2, copies with them, W1 compressed with
+    /// xz and zstd, against bmaptool.
+    Flash,
+}
+
+pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result<()> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    if let Some(only) = only {
+        START.get_or_init(Instant::now);
+        let load_start = load_average();
+        let bin = release_build()?;
+        let mut md = format!("{RATIOS}\n\n");
+        match only {
+            Only::Map => map(&mut md, &bin, runs)?,
+            Only::Restore => restore::run(&mut md, &bin, runs)?,
+            Only::Flash => flash::run(&mut md, &bin, runs)?,
+        }
+        let _ = writeln!(
+            md,
+            "This part took {:.1} min (`--runs {runs}`). Load average (1, 5, 15 min) when it \
+             started: {load_start}; when it ended: {}.\n",
+            START.get_or_init(Instant::now).elapsed().as_secs_f64() / 60.0,
+            load_average()
+        );
+        print!("{md}");
+        return Ok(());
+    }
+    if images_only {
+        let bin = release_build()?;
+        crate::fixtures(true)?;
+        let mut md = format!("{RATIOS}\n\n");
+        images::run(&mut md, &bin, runs)?;
+        print!("{md}");
+        return Ok(());
+    }
+    START.get_or_init(Instant::now);
+    let load_start = load_average();
+    let emptied = empty_page_cache();
+    let bin = release_build()?;
+    crate::fixtures(true)?;
+    let mut md = String::new();
+    let fs = output(
+        Command::new("findmnt")
+            .args(["-no", "FSTYPE", "-T"])
+            .arg(testkit::generated_dir()),
+    )
+    .unwrap_or_default();
+    let _ = write!(
+        md,
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (reproduce with that command; `--runs N` sets the runs \
+         per command, default 5; this file: `--runs {runs}`). Every command runs once to warm \
+         up, then all of a workload's commands take turns, `--runs` times, in the listed order \
+         the first round and a different shuffle (seeded by the round) in each of the others, \
+         so that no command always follows the same one; the median and least wall \
+         times are reported, with standard output sent to /dev/null and peak RSS from wait4 \
+         (xtask's own footprint at spawn is its floor: see the `true` rows).\n\n\
+         {RATIOS}\n\n\
+         {}\n\n\
+         Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
+        if emptied {
+            "Each workload starts on an emptied page cache (sync, then `drop_caches`), so that \
+             no run pays to reclaim the pages of earlier ones."
+        } else {
+            "The page cache could not be emptied between workloads (not root): runs may pay \
+             to reclaim the pages of earlier ones."
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib(),
+        tool_version("uname", "-r"),
+        fs.trim(),
+        tool_version("qemu-img", "--version"),
+        tool_version("filefrag", "-V"),
     );
 
+    map(&mut md, &bin, runs)?;
     copy::run(&mut md, &bin, runs)?;
     images::run(&mut md, &bin, runs)?;
     restore::run(&mut md, &bin, runs)?;

@@ -75,7 +75,7 @@ fn table(args: &Args, src: &Opened, out: &mut impl Write) -> anyhow::Result<()> 
     let failed = src.map_rows(range.clone(), |rows| {
         for r in rows {
             match r {
-                Ok(r) => table.row(&r.extent, r.host, r.depth)?,
+                Ok(r) => table.row(&r)?,
                 Err(e) => return Ok::<_, io::Error>(Some(e)),
             }
         }
