@@ -145,6 +145,8 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         ratio(&stats, "qemu-img map")
     );
 
+    check(md, bin, runs)?;
+
     // --- W3: a 16 GiB qcow2 with 3 GiB of data, plain and compressed (issue 4) ---
     for (name, what) in [
         ("bench-w3.qcow2", "qcow2"),
@@ -395,5 +397,46 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     ] {
         let _ = std::fs::remove_file(scratch.join(f));
     }
+    Ok(())
+}
+
+/// `qcow2-info --check` against `qemu-img check` on the 1 TiB image of
+/// 100,000 clusters, warm: both results checked equal before timing.
+pub(super) fn check(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()> {
+    let info = bin.join("qcow2-info");
+    let big = testkit::fixture("bench-1t-100k.qcow2");
+    note("qcow2 check: checking sparsekit against qemu-img");
+    let json = |cmd: &mut Command| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&crate::output(cmd)?)?)
+    };
+    let ours = json(Command::new(&info).args(["--check", "--json"]).arg(&big))?;
+    let theirs = json(
+        Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&big),
+    )?;
+    ensure!(
+        ours == theirs,
+        "qcow2-info --check and qemu-img check disagree on {}: {ours} against {theirs}",
+        big.display()
+    );
+    let stats = race(
+        &[
+            contender("sparsekit qcow2-info --check", &[&info, &"--check", &big]),
+            contender("qemu-img check", &[&"qemu-img", &"check", &big]),
+        ],
+        runs,
+    )?;
+    let _ = writeln!(
+        md,
+        "## qcow2-info --check: the same 1 TiB qcow2, warm\n\n\
+         Both results (`--json`, `--output=json`) checked equal before timing.\n"
+    );
+    table(md, &stats);
+    let _ = writeln!(
+        md,
+        "\n`qcow2-info --check` against `qemu-img check`: {:.2} (above 1: sparsekit faster).\n",
+        ratio(&stats, "qemu-img check")
+    );
     Ok(())
 }

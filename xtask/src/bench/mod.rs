@@ -529,6 +529,8 @@ pub enum Only {
     /// Flashing: bmaps of W1 and W2, copies with them, W1 compressed with
     /// xz and zstd, against bmaptool.
     Flash,
+    /// `qcow2-info --check` against `qemu-img check` on the 1 TiB image.
+    Check,
 }
 
 pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result<()> {
@@ -542,6 +544,7 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
             Only::Map => map(&mut md, &bin, runs)?,
             Only::Restore => restore::run(&mut md, &bin, runs)?,
             Only::Flash => flash::run(&mut md, &bin, runs)?,
+            Only::Check => images::check(&mut md, &bin, runs)?,
         }
         let _ = writeln!(
             md,
