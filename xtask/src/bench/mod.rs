@@ -620,15 +620,34 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
     );
 
     let path = root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    md.push_str(hand_written(&old));
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     print!("{md}");
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
 
+/// The line after which BENCHMARKS.md is written by hand (notes, the
+/// tuning history, rows from partial runs): a full run keeps it and
+/// what follows.
+const HAND_WRITTEN: &str = "<!-- Written by hand from here on: cargo xtask bench keeps it. -->";
+
+/// The hand-written end of `old` (from [`HAND_WRITTEN`] on), or nothing.
+fn hand_written(old: &str) -> &str {
+    old.find(HAND_WRITTEN).map_or("", |i| &old[i..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_run_keeps_the_hand_written_end() {
+        let old = format!("# Benchmarks\n\nold rows\n\n{HAND_WRITTEN}\n\n## Hand note\n");
+        assert_eq!(hand_written(&old), format!("{HAND_WRITTEN}\n\n## Hand note\n"));
+        assert_eq!(hand_written("# Benchmarks\n\nno marker\n"), "");
+    }
 
     #[test]
     fn ratios_pair_round_by_round() {
