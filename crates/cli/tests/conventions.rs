@@ -467,3 +467,38 @@ fn man_pages_and_completions_load() {
         );
     }
 }
+
+/// On a terminal (a pty from `script`), progress is a bar, by default and
+/// with `-p`, never qemu-img's lines; `-q` draws nothing.
+#[test]
+fn a_bar_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("holes-data.raw");
+    let on_a_pty = |flags: &str, dst: &str| -> String {
+        let line = format!(
+            "{} {flags} {} {}",
+            env!("CARGO_BIN_EXE_copy"),
+            s(&src),
+            s(&dir.path().join(dst))
+        );
+        let o = Command::new(require("script"))
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{line}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for flags in ["", "-p"] {
+        let tty = on_a_pty(flags, "a");
+        assert!(
+            tty.contains("copy [") && tty.contains("MiB"),
+            "{flags}: {tty}"
+        );
+        assert!(
+            !tty.contains("/100%)"),
+            "{flags}: lines on a terminal: {tty}"
+        );
+    }
+    assert_eq!(on_a_pty("-q", "b"), "", "-q on a terminal");
+}

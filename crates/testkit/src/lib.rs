@@ -72,6 +72,9 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
     ("zstd", "zstd"),
     ("bzip2", "bzip2"),
+    ("man", "man-db"),
+    ("bash", "bash"),
+    ("script", "bsdutils"),
 ];
 
 /// The workspace root.

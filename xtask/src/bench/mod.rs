@@ -645,7 +645,10 @@ mod tests {
     #[test]
     fn a_full_run_keeps_the_hand_written_end() {
         let old = format!("# Benchmarks\n\nold rows\n\n{HAND_WRITTEN}\n\n## Hand note\n");
-        assert_eq!(hand_written(&old), format!("{HAND_WRITTEN}\n\n## Hand note\n"));
+        assert_eq!(
+            hand_written(&old),
+            format!("{HAND_WRITTEN}\n\n## Hand note\n")
+        );
         assert_eq!(hand_written("# Benchmarks\n\nno marker\n"), "");
     }
 
