@@ -377,6 +377,34 @@ mod tests {
         assert_eq!(format_size(u64::MAX), "16 EiB");
     }
 
+    /// The float formatting that [`SizeText`] does in integers, as
+    /// `format_size` was written before: the oracle for every size below.
+    fn float_size(n: u64) -> String {
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        let mut v = n as f64;
+        let mut u = 0;
+        while v >= 1023.5 && u + 1 < UNITS.len() {
+            v /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            return format!("{n} B");
+        }
+        let s = if v >= 100.0 {
+            format!("{v:.0}")
+        } else if v >= 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.2}")
+        };
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            &s
+        };
+        format!("{s} {}", UNITS[u])
+    }
+
     #[test]
     fn integer_sizes_print_what_float_formatting_printed() {
         let mut sizes: Vec<u64> = (0..1 << 16).collect();
