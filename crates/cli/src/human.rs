@@ -307,8 +307,10 @@ pub fn describe(name: &str, d: &Description) -> (String, bool) {
 
 /// Bytes of the copied range neither written nor zeroed: holes in a new
 /// file, or blocks left as they were (a bmap's free blocks on a device).
+/// Zeroing may cover more than the range (an NBD export zeroed whole
+/// first), hence the saturation.
 fn left_as_holes(s: &CopyStats) -> u64 {
-    (s.zero_detected + s.unallocated).saturating_sub(s.zeroed)
+    s.total.saturating_sub(s.data_written + s.zeroed)
 }
 
 /// What a copy did, in one line: every figure in binary units (`--json`

@@ -304,6 +304,29 @@ fn copy_json_is_one_object_for_programs() {
     drop(dev);
     assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&src).unwrap());
 
+    // A raw stream on standard input: every byte read, zero blocks left
+    // as holes, and nothing counted twice.
+    let o = Command::new(env!("CARGO_BIN_EXE_copy"))
+        .args(["--json", "-", s(&dir.path().join("in.raw"))])
+        .stdin(std::fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&ok(&o, "copy --json -").0).unwrap();
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert_eq!((n("bytes_total"), n("bytes_read")), (size, size));
+    assert_eq!(n("bytes_written") + n("bytes_holes"), size, "{v}");
+    assert_eq!(n("bytes_written"), data_bytes(&src), "{v}");
+    // To standard output every byte is written, zeros too: no holes.
+    let o = Command::new(env!("CARGO_BIN_EXE_copy"))
+        .args([s(&src), "-"])
+        .stdout(std::fs::File::create(dir.path().join("out.raw")).unwrap())
+        .output()
+        .unwrap();
+    let summary = ok(&o, "copy SRC -").1;
+    assert!(
+        summary.contains("wrote 64 MiB, zeroed 0 B, left 0 B as holes"),
+        "{summary}"
+    );
     // Standard output carries the image there: --json is refused first.
     let o = tool("copy", &["--json", s(&src), "-"]);
     assert!(!o.status.success() && o.stdout.is_empty());
