@@ -325,7 +325,7 @@ pub fn copy_summary(from: &str, to: &str, report: &Report) -> String {
             format_size(s.total),
         ),
         None => format!(
-            "{from} -> {to}: {} image: read {}, wrote {}, zeroed {}, left {} as holes ({} found zero in data), in {secs:.2} s",
+            "{from} -> {to}: {} image: read {}, wrote {}, zeroed {}, left {} unwritten ({} found zero in data), in {secs:.2} s",
             format_size(s.total),
             format_size(s.data_read),
             format_size(s.data_written),

@@ -324,7 +324,7 @@ fn copy_json_is_one_object_for_programs() {
         .unwrap();
     let summary = ok(&o, "copy SRC -").1;
     assert!(
-        summary.contains("wrote 64 MiB, zeroed 0 B, left 0 B as holes"),
+        summary.contains("wrote 64 MiB, zeroed 0 B, left 0 B unwritten"),
         "{summary}"
     );
     // Standard output carries the image there: --json is refused first.
