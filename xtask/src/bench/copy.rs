@@ -81,6 +81,13 @@ enum Role {
     Variant,
     /// A peer: the verdict compares sparsekit with the best of these.
     Peer,
+    /// sparsekit `copy`, then `sync` of the destination: its time until
+    /// the copy is on stable storage.
+    Durable,
+    /// A peer, then `sync` of the destination: the durable verdict
+    /// compares [`Role::Durable`] with the best of these (and of the peers
+    /// that flush by themselves).
+    DurablePeer,
     /// `true`: the floor of time and peak RSS.
     Baseline,
 }
@@ -113,14 +120,24 @@ impl Programs {
         let copy = &self.copy;
         let raw: [&dyn AsRef<std::ffi::OsStr>; 6] =
             [&"qemu-img", &"convert", &"-O", &"raw", &"-f", &"raw"];
-        vec![
-            (
-                Role::Sparsekit,
-                contender(
-                    &format!("sparsekit copy (default: -j {jobs})"),
-                    &[copy, &src, &dest],
-                ),
-            ),
+        let sparsekit = contender(
+            &format!("sparsekit copy (default: -j {jobs})"),
+            &[copy, &src, &dest],
+        );
+        let cp = contender(
+            "cp --sparse=always",
+            &[&"cp", &"--sparse=always", &src, &dest],
+        );
+        let qemu16 = contender(
+            "qemu-img convert -m 16 -W",
+            &[&raw[..], &[&"-m", &"16", &"-W", &src, &dest]].concat(),
+        );
+        let nbdcopy16 = contender(
+            "nbdcopy --requests=16",
+            &[&"nbdcopy", &"--requests=16", &src, &dest],
+        );
+        let mut all = vec![
+            (Role::Sparsekit, sparsekit.clone()),
             (
                 Role::Variant,
                 contender("sparsekit copy -j 1", &[copy, &"-j", &"1", &src, &dest]),
@@ -129,13 +146,7 @@ impl Programs {
                 Role::Variant,
                 contender("sparsekit copy --flush", &[copy, &"--flush", &src, &dest]),
             ),
-            (
-                Role::Peer,
-                contender(
-                    "cp --sparse=always",
-                    &[&"cp", &"--sparse=always", &src, &dest],
-                ),
-            ),
+            (Role::Peer, cp.clone()),
             (
                 Role::Peer,
                 contender("qemu-img convert", &[&raw[..], &[&src, &dest]].concat()),
@@ -147,7 +158,9 @@ impl Programs {
                     &[&raw[..], &[&"-m", &"8", &"-W", &src, &dest]].concat(),
                 ),
             ),
+            (Role::Peer, qemu16.clone()),
             (Role::Peer, contender("nbdcopy", &[&"nbdcopy", &src, &dest])),
+            (Role::Peer, nbdcopy16.clone()),
             (
                 Role::Peer,
                 contender(
@@ -162,8 +175,13 @@ impl Programs {
                     &[&self.python, &self.port, &src, &dest],
                 ),
             ),
-            (Role::Baseline, contender("baseline: true", &[&"true"])),
-        ]
+            (Role::Durable, super::durable(&sparsekit, dest)),
+        ];
+        for peer in [&cp, &qemu16, &nbdcopy16] {
+            all.push((Role::DurablePeer, super::durable(peer, dest)));
+        }
+        all.push((Role::Baseline, contender("baseline: true", &[&"true"])));
+        all
     }
 }
 
@@ -373,28 +391,48 @@ fn verdict(
         let word = if r.median >= 1.0 { "faster" } else { "slower" };
         format!("{r}, sparsekit {word}")
     };
-    // The best peer is the one with the smallest paired ratio.
-    let best = |stats: &[Stats]| {
-        let sk = &stats[sparsekit];
+    // The best peer is the one with the smallest paired ratio to `sk`.
+    let best_of = |stats: &'_ [Stats], sk: usize, peer: &dyn Fn(usize) -> bool| {
+        let sk = &stats[sk];
         let s = (0..stats.len())
-            .filter(|&i| role(i) == Role::Peer)
+            .filter(|&i| peer(i))
             .map(|i| &stats[i])
-            .min_by(|a, b| Ratio::of(a, sk).median.total_cmp(&Ratio::of(b, sk).median))
-            .expect("every workload has peers");
-        format!(
-            "sparsekit {:.2} s against the best peer, {}, {:.2} s (medians): {}",
+            .min_by(|a, b| Ratio::of(a, sk).median.total_cmp(&Ratio::of(b, sk).median))?;
+        Some(format!(
+            "{:.2} s against the best peer, {}, {:.2} s (medians): {}",
             sk.median,
             s.label,
             s.median,
             ratio(s, sk)
-        )
+        ))
     };
+    let is_peer = |i: usize| role(i) == Role::Peer;
+    let best =
+        |stats: &[Stats]| best_of(stats, sparsekit, &is_peer).expect("every workload has peers");
     let _ = writeln!(
         md,
-        "\n**{id} verdict**: warm, {}; cold, {}.",
+        "\n**{id} verdict**: warm, sparsekit {}; cold, sparsekit {}.",
         best(warm),
         best(cold)
     );
+    // Durable: sparsekit, then sync, against the peers followed by sync
+    // and the peers that flush by themselves.
+    let durable_peer = |i: usize| {
+        role(i) == Role::DurablePeer || (role(i) == Role::Peer && flushes_at_end(&flushes[i].2))
+    };
+    if let Some(d) = (0..warm.len()).find(|&i| role(i) == Role::Durable)
+        && let (Some(w), Some(c)) = (
+            best_of(warm, d, &durable_peer),
+            best_of(cold, d, &durable_peer),
+        )
+    {
+        let _ = writeln!(
+            md,
+            "Durable (the copy on stable storage when the command ends): warm, `{}` {w}; \
+             cold, {c}.",
+            warm[d].label
+        );
+    }
     let flushed =
         (0..warm.len()).find(|&i| role(i) == Role::Variant && flushes_at_end(&flushes[i].2));
     for peer in (0..warm.len()).filter(|&i| role(i) == Role::Peer && flushes_at_end(&flushes[i].2))
@@ -720,6 +758,48 @@ mod tests {
              With the destination flushed on both sides: `c1` against `c3`: warm 2.00 s \
              against 1.00 s (medians), 0.50× (0.45–2.00), sparsekit slower; cold 2.00 s \
              against 8.00 s, 4.00× (2.00–4.00), sparsekit faster.\n\n"
+        );
+    }
+
+    #[test]
+    fn the_durable_verdict_compares_synced_rows_and_peers_that_flush() {
+        let stats = |rounds: &[[f64; 5]]| -> Vec<Stats> {
+            (0..5)
+                .map(|i| {
+                    let samples: Vec<Sample> = rounds
+                        .iter()
+                        .map(|r| Sample {
+                            secs: r[i],
+                            max_rss_kib: 0,
+                        })
+                        .collect();
+                    Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
+                })
+                .collect()
+        };
+        let flushes: Vec<(Role, String, String)> = [
+            (Role::Sparsekit, "no"),
+            (Role::Peer, "no"),
+            (Role::Peer, "fsync ×1"),
+            (Role::Durable, "fsync ×1"),
+            (Role::DurablePeer, "fsync ×1"),
+        ]
+        .iter()
+        .map(|(r, f)| (*r, String::new(), f.to_string()))
+        .collect();
+        // c1 is the fastest peer, but does not flush: the durable verdict
+        // sets c3 (sparsekit, then sync) against c4 (warm) and c2 (cold).
+        let warm = stats(&[[1.0, 1.0, 5.0, 2.0, 3.0], [1.0, 1.0, 5.0, 2.0, 3.0]]);
+        let cold = stats(&[[2.0, 2.0, 3.0, 4.0, 8.0], [2.0, 2.0, 3.0, 4.0, 8.0]]);
+        let mut md = String::new();
+        verdict(&mut md, "W9", &warm, &cold, &flushes);
+        let durable = md.lines().find(|l| l.starts_with("Durable")).unwrap();
+        assert_eq!(
+            durable,
+            "Durable (the copy on stable storage when the command ends): warm, `c3` 2.00 s \
+             against the best peer, c4, 3.00 s (medians): 1.50× (1.50–1.50), sparsekit faster; \
+             cold, 4.00 s against the best peer, c2, 3.00 s (medians): 0.75× (0.75–0.75), \
+             sparsekit slower."
         );
     }
 

@@ -12,19 +12,27 @@ use anyhow::ensure;
 use sparsekit_testkit as testkit;
 
 use super::{
-    Ratio, Stats, contender, find, fresh_dest, note, race, race_with, ratio, same_map, table,
+    Ratio, Stats, contender, durable, find, fresh_dest, note, race, race_with, ratio, same_map,
+    table,
 };
 use crate::{display, root, sh};
 
+/// The label's ending on the rows made by [`durable`].
+const SYNCED: &str = ", then sync DEST";
+
 /// The best peer: of the contenders whose label does not start with
 /// "sparsekit", the one with the smallest paired ratio to the race's first.
-fn best_peer(stats: &[Stats]) -> (&str, Ratio) {
+/// Rows followed by sync are compared only with each other: with `synced`,
+/// sparsekit's synced row against the peers' synced rows.
+fn best_peer(stats: &[Stats], synced: bool) -> Option<(&str, Ratio)> {
+    let base = stats
+        .iter()
+        .find(|s| s.label.starts_with("sparsekit") && s.label.ends_with(SYNCED) == synced)?;
     stats
         .iter()
-        .filter(|s| !s.label.starts_with("sparsekit"))
-        .map(|s| (s.label.as_str(), Ratio::of(s, &stats[0])))
+        .filter(|s| !s.label.starts_with("sparsekit") && s.label.ends_with(SYNCED) == synced)
+        .map(|s| (s.label.as_str(), Ratio::of(s, base)))
         .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
-        .expect("every race has a peer")
 }
 
 fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
@@ -163,8 +171,36 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             .arg(&img)
             .arg(&reference))?;
         let nbdcopy_src = format!("[ qemu-nbd -r -f qcow2 {} ]", img.display());
+        let nbdcopy = |label: &str, flags: &str| {
+            contender(
+                label,
+                &[
+                    &"sh",
+                    &"-c",
+                    &format!("nbdcopy {flags}-- {nbdcopy_src} {}", out.display()),
+                ],
+            )
+        };
+        let qemu = |m: &str| {
+            contender(
+                &format!("qemu-img convert -m {m} -W"),
+                &[
+                    &"qemu-img",
+                    &"convert",
+                    &"-m",
+                    &m,
+                    &"-W",
+                    &"-O",
+                    &"raw",
+                    &img,
+                    &out,
+                ],
+            )
+        };
+        let sparsekit = contender("sparsekit copy", &[&copy, &"--no-progress", &img, &out]);
+        let nbdcopy16 = nbdcopy("nbdcopy --requests=16 (qemu-nbd)", "--requests=16 ");
         let contenders = [
-            contender("sparsekit copy", &[&copy, &"--no-progress", &img, &out]),
+            sparsekit.clone(),
             contender(
                 "sparsekit copy -j 1",
                 &[&copy, &"--no-progress", &"-j", &"1", &img, &out],
@@ -173,28 +209,13 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 "qemu-img convert",
                 &[&"qemu-img", &"convert", &"-O", &"raw", &img, &out],
             ),
-            contender(
-                "qemu-img convert -m 8 -W",
-                &[
-                    &"qemu-img",
-                    &"convert",
-                    &"-m",
-                    &"8",
-                    &"-W",
-                    &"-O",
-                    &"raw",
-                    &img,
-                    &out,
-                ],
-            ),
-            contender(
-                "nbdcopy (qemu-nbd)",
-                &[
-                    &"sh",
-                    &"-c",
-                    &format!("nbdcopy -- {nbdcopy_src} {}", out.display()),
-                ],
-            ),
+            qemu("8"),
+            qemu("16"),
+            nbdcopy("nbdcopy (qemu-nbd)", ""),
+            nbdcopy16.clone(),
+            durable(&sparsekit, &out),
+            durable(&qemu("16"), &out),
+            durable(&nbdcopy16, &out),
         ];
         for c in &contenders {
             let _ = std::fs::remove_file(&out);
@@ -228,13 +249,20 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             "\n**Cold** (the image's pages dropped before every run, posix_fadvise DONTNEED):\n"
         );
         table(md, &cold);
-        let (wpeer, w) = best_peer(&warm);
-        let (cpeer, c) = best_peer(&cold);
-        let _ = writeln!(
-            md,
-            "\nAgainst the best peer (above 1: sparsekit faster): warm, {wpeer}: {w}; \
-             cold, {cpeer}: {c}.\n"
-        );
+        for (synced, what) in [
+            (false, "Against the best peer"),
+            (true, "Durable (each followed by sync)"),
+        ] {
+            if let (Some((wpeer, w)), Some((cpeer, c))) =
+                (best_peer(&warm, synced), best_peer(&cold, synced))
+            {
+                let _ = writeln!(
+                    md,
+                    "\n{what}, above 1: sparsekit faster: warm, {wpeer}: {w}; cold, {cpeer}: {c}."
+                );
+            }
+        }
+        md.push('\n');
     }
 
     // --- NBD: copy and map from qemu-nbd over a Unix socket (issue 6) ---
@@ -280,23 +308,35 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         );
     }
     let mut hooks = fresh_dest(&out, None, "NBD copy");
+    let qemu = |m: Option<&'static str>| {
+        let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"qemu-img", &"convert", &"-f", &"raw", &"-O", &"raw"];
+        let label = match m {
+            Some(ref m) => {
+                argv.extend([&"-m" as &dyn AsRef<std::ffi::OsStr>, m, &"-W"]);
+                format!("qemu-img convert -m {m} -W")
+            }
+            None => "qemu-img convert".into(),
+        };
+        argv.extend([&uri as &dyn AsRef<std::ffi::OsStr>, &out]);
+        contender(&label, &argv)
+    };
+    let sparsekit = contender("sparsekit copy", &[&copy, &"--no-progress", &uri, &out]);
+    let nbdcopy16 = contender(
+        "nbdcopy --requests=16",
+        &[&"nbdcopy", &"--requests=16", &uri, &out],
+    );
     let stats = race_with(
         &[
-            contender("sparsekit copy", &[&copy, &"--no-progress", &uri, &out]),
+            sparsekit.clone(),
             contender("nbdcopy", &[&"nbdcopy", &uri, &out]),
-            contender(
-                "qemu-img convert",
-                &[
-                    &"qemu-img",
-                    &"convert",
-                    &"-f",
-                    &"raw",
-                    &"-O",
-                    &"raw",
-                    &uri,
-                    &out,
-                ],
-            ),
+            nbdcopy16.clone(),
+            qemu(None),
+            qemu(Some("8")),
+            qemu(Some("16")),
+            durable(&sparsekit, &out),
+            durable(&nbdcopy16, &out),
+            durable(&qemu(Some("16")), &out),
         ],
         runs,
         &mut hooks,
@@ -305,16 +345,20 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
     let _ = writeln!(
         md,
         "## NBD: copy W3 from qemu-nbd over a Unix socket\n\n\
-         `qemu-nbd -r -f qcow2 --shared=16` serving `{}`; nbdcopy with its defaults. Outputs checked \
+         `qemu-nbd -r -f qcow2 --shared=16` serving `{}`; nbdcopy with its defaults and with 16 requests in flight, qemu-img with 8 and 16 coroutines and out-of-order writes. Outputs checked \
          byte-identical to `qemu-img convert` of the image first.\n",
         display(&img)
     );
     table(md, &stats);
-    let (peer, r) = best_peer(&stats);
-    let _ = writeln!(
-        md,
-        "\nAgainst the best peer, {peer}: {r} (above 1: sparsekit faster).\n"
-    );
+    for (synced, what) in [
+        (false, "Against the best peer"),
+        (true, "Durable (each followed by sync)"),
+    ] {
+        if let Some((peer, r)) = best_peer(&stats, synced) {
+            let _ = writeln!(md, "\n{what}, {peer}: {r} (above 1: sparsekit faster).");
+        }
+    }
+    md.push('\n');
     let stats = race(
         &[
             contender("sparsekit map --json", &[&map, &"--json", &uri]),
@@ -439,4 +483,41 @@ pub(super) fn check(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<
         ratio(&stats, "qemu-img check")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Sample;
+
+    fn stats(rows: &[(&str, [f64; 2])]) -> Vec<Stats> {
+        rows.iter()
+            .map(|(label, secs)| {
+                let samples: Vec<Sample> = secs
+                    .iter()
+                    .map(|&secs| Sample {
+                        secs,
+                        max_rss_kib: 0,
+                    })
+                    .collect();
+                Stats::new(&contender(label, &[&"x"]), &samples)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn synced_rows_are_compared_only_with_each_other() {
+        let s = stats(&[
+            ("sparsekit copy", [1.0, 1.0]),
+            ("qemu-img convert", [2.0, 2.0]),
+            ("sparsekit copy, then sync DEST", [4.0, 4.0]),
+            ("qemu-img convert, then sync DEST", [3.0, 3.0]),
+            ("nbdcopy, then sync DEST", [5.0, 6.0]),
+        ]);
+        let (peer, r) = best_peer(&s, false).unwrap();
+        assert_eq!((peer, r.median), ("qemu-img convert", 2.0));
+        let (peer, r) = best_peer(&s, true).unwrap();
+        assert_eq!((peer, r.median), ("qemu-img convert, then sync DEST", 0.75));
+        assert!(best_peer(&s[..2], true).is_none());
+    }
 }

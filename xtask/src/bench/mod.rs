@@ -263,6 +263,27 @@ fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
     }
 }
 
+/// `c`, then `sync DEST` (coreutils' `sync` of a file: an fsync of it): the
+/// time until the copy is on stable storage, for a command that leaves its
+/// writes in the page cache.
+fn durable(c: &Contender, dest: &Path) -> Contender {
+    let mut argv: Vec<OsString> = [
+        "sh",
+        "-c",
+        r#"d=$1; shift; "$@" && exec sync -- "$d""#,
+        "sh",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    argv.push(dest.into());
+    argv.extend(c.argv.iter().cloned());
+    Contender {
+        label: format!("{}, then sync DEST", c.label),
+        argv,
+    }
+}
+
 /// Hooks that delete `dest` (and sync its folder) before and after each
 /// run, so every contender writes a new file and no run pays for another's
 /// blocks; with `cold`, that file's pages are also dropped before each run.

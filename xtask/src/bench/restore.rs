@@ -386,6 +386,12 @@ fn contenders(copy: &Path, src: Source<'_>, uri: &str) -> Vec<Entry> {
         entry(Role::Peer, false, "nbdcopy --flush", nbdcopy(&["--flush"])),
         entry(
             Role::Peer,
+            false,
+            "nbdcopy --flush --requests=16",
+            nbdcopy(&["--flush", "--requests=16"]),
+        ),
+        entry(
+            Role::Peer,
             true,
             "nbdcopy --flush --target-is-zero",
             nbdcopy(&["--flush", "--target-is-zero"]),
@@ -396,6 +402,12 @@ fn contenders(copy: &Path, src: Source<'_>, uri: &str) -> Vec<Entry> {
             false,
             "qemu-img convert -n -m 8 -W",
             convert(&["-m", "8", "-W"]),
+        ),
+        entry(
+            Role::Peer,
+            false,
+            "qemu-img convert -n -m 16 -W",
+            convert(&["-m", "16", "-W"]),
         ),
         entry(
             Role::Peer,
