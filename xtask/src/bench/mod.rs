@@ -541,6 +541,9 @@ fn map(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()> {
 /// A group of workloads that `--only` runs alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Only {
+    /// The copy workloads W1 and W2 into a new file, warm and cold, against
+    /// every peer at its best and followed by sync.
+    Copy,
     /// The map workload: a file of 200,000 extents, sparsekit's JSON and
     /// table against qemu-img map and filefrag -e.
     Map,
@@ -563,6 +566,10 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
         let mut md = format!("{RATIOS}\n\n");
         match only {
             Only::Map => map(&mut md, &bin, runs)?,
+            Only::Copy => {
+                crate::fixtures(true)?;
+                copy::run(&mut md, &bin, runs)?
+            }
             Only::Restore => restore::run(&mut md, &bin, runs)?,
             Only::Flash => flash::run(&mut md, &bin, runs)?,
             Only::Check => images::check(&mut md, &bin, runs)?,
