@@ -720,31 +720,37 @@ mod tests {
         );
     }
 
+    /// Contenders c0, c1, … with one time a round: `rounds[r][i]` is ci's.
+    fn stats<const N: usize>(rounds: &[[f64; N]]) -> Vec<Stats> {
+        (0..N)
+            .map(|i| {
+                let samples: Vec<Sample> = rounds
+                    .iter()
+                    .map(|r| Sample {
+                        secs: r[i],
+                        max_rss_kib: 0,
+                    })
+                    .collect();
+                Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
+            })
+            .collect()
+    }
+
+    /// Each contender's role and what strace saw it flush.
+    fn roles(r: &[(Role, &str)]) -> Vec<(Role, String, String)> {
+        r.iter()
+            .map(|(r, f)| (*r, String::new(), f.to_string()))
+            .collect()
+    }
+
     #[test]
     fn verdict_pairs_each_comparison_with_its_own_sparsekit_command() {
-        let stats = |rounds: &[[f64; 4]]| -> Vec<Stats> {
-            (0..4)
-                .map(|i| {
-                    let samples: Vec<Sample> = rounds
-                        .iter()
-                        .map(|r| Sample {
-                            secs: r[i],
-                            max_rss_kib: 0,
-                        })
-                        .collect();
-                    Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
-                })
-                .collect()
-        };
-        let flushes: Vec<(Role, String, String)> = [
+        let flushes = roles(&[
             (Role::Sparsekit, "no"),
             (Role::Variant, "fdatasync ×1"),
             (Role::Peer, "no"),
             (Role::Peer, "fsync ×1"),
-        ]
-        .iter()
-        .map(|(r, f)| (*r, String::new(), f.to_string()))
-        .collect();
+        ]);
         // Rounds of sparsekit, its --flush variant, then two peers. c3 has
         // the smaller median time but, round by round, c2 is the closer.
         let warm = stats(&[
@@ -764,6 +770,10 @@ mod tests {
             "\n**W9 verdict**: warm, sparsekit 1.00 s against the best peer, c2, 1.10 s \
              (medians): 1.10× (1.10–1.10), sparsekit faster; cold, sparsekit 2.00 s against \
              the best peer, c2, 3.00 s (medians): 1.50× (1.50–1.50), sparsekit faster.\n\
+             Durable (the copy on stable storage when the command ends): warm, `c1` 2.00 s \
+             against the best peer, c3, 1.00 s (medians): 0.50× (0.45–2.00), sparsekit slower; \
+             cold, `c1` 2.00 s against the best peer, c3, 8.00 s (medians): 4.00× (2.00–4.00), \
+             sparsekit faster.\n\
              With the destination flushed on both sides: `c1` against `c3`: warm 2.00 s \
              against 1.00 s (medians), 0.50× (0.45–2.00), sparsekit slower; cold 2.00 s \
              against 8.00 s, 4.00× (2.00–4.00), sparsekit faster.\n\n"
@@ -772,31 +782,14 @@ mod tests {
 
     #[test]
     fn the_durable_verdict_compares_synced_rows_and_peers_that_flush() {
-        let stats = |rounds: &[[f64; 6]]| -> Vec<Stats> {
-            (0..6)
-                .map(|i| {
-                    let samples: Vec<Sample> = rounds
-                        .iter()
-                        .map(|r| Sample {
-                            secs: r[i],
-                            max_rss_kib: 0,
-                        })
-                        .collect();
-                    Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
-                })
-                .collect()
-        };
-        let flushes: Vec<(Role, String, String)> = [
+        let flushes = roles(&[
             (Role::Sparsekit, "no"),
             (Role::Peer, "no"),
             (Role::Peer, "fsync ×1"),
             (Role::Durable, "fsync ×1"),
             (Role::DurablePeer, "fsync ×1"),
             (Role::Variant, "fdatasync ×1"),
-        ]
-        .iter()
-        .map(|(r, f)| (*r, String::new(), f.to_string()))
-        .collect();
+        ]);
         // c1 is the fastest peer, but does not flush. Warm, sparsekit's
         // faster durable way is c3 (then sync), against c4; cold, c5
         // (--flush), against c2.
