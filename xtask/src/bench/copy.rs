@@ -691,7 +691,7 @@ pub(super) fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<Stri
 
 #[cfg(test)]
 mod tests {
-    use super::super::Sample;
+    use super::super::timed;
     use super::*;
 
     #[test]
@@ -724,14 +724,8 @@ mod tests {
     fn stats<const N: usize>(rounds: &[[f64; N]]) -> Vec<Stats> {
         (0..N)
             .map(|i| {
-                let samples: Vec<Sample> = rounds
-                    .iter()
-                    .map(|r| Sample {
-                        secs: r[i],
-                        max_rss_kib: 0,
-                    })
-                    .collect();
-                Stats::new(&contender(&format!("c{i}"), &[&"x"]), &samples)
+                let secs: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+                timed(&format!("c{i}"), &secs)
             })
             .collect()
     }

@@ -12,13 +12,10 @@ use anyhow::ensure;
 use sparsekit_testkit as testkit;
 
 use super::{
-    Ratio, Stats, contender, durable, find, fresh_dest, note, race, race_with, ratio, same_map,
-    table,
+    Ratio, SYNCED, Stats, contender, durable, find, fresh_dest, note, race, race_with, ratio,
+    same_map, table,
 };
 use crate::{display, root, sh};
-
-/// The label's ending on the rows made by [`durable`].
-const SYNCED: &str = ", then sync DEST";
 
 /// The best peer: of the contenders whose label does not start with
 /// "sparsekit", the one with the smallest paired ratio to the race's first.
@@ -198,6 +195,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             )
         };
         let sparsekit = contender("sparsekit copy", &[&copy, &"--no-progress", &img, &out]);
+        let qemu16 = qemu("16");
         let nbdcopy16 = nbdcopy("nbdcopy --requests=16 (qemu-nbd)", "--requests=16 ");
         let contenders = [
             sparsekit.clone(),
@@ -210,11 +208,11 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 &[&"qemu-img", &"convert", &"-O", &"raw", &img, &out],
             ),
             qemu("8"),
-            qemu("16"),
+            qemu16.clone(),
             nbdcopy("nbdcopy (qemu-nbd)", ""),
             nbdcopy16.clone(),
             durable(&sparsekit, &out),
-            durable(&qemu("16"), &out),
+            durable(&qemu16, &out),
             durable(&nbdcopy16, &out),
         ];
         for c in &contenders {
@@ -308,35 +306,31 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         );
     }
     let mut hooks = fresh_dest(&out, None, "NBD copy");
-    let qemu = |m: Option<&'static str>| {
+    let qemu = |flags: &[&str]| {
+        let label = ["qemu-img convert"].iter().chain(flags).copied();
         let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> =
             vec![&"qemu-img", &"convert", &"-f", &"raw", &"-O", &"raw"];
-        let label = match m {
-            Some(ref m) => {
-                argv.extend([&"-m" as &dyn AsRef<std::ffi::OsStr>, m, &"-W"]);
-                format!("qemu-img convert -m {m} -W")
-            }
-            None => "qemu-img convert".into(),
-        };
+        argv.extend(flags.iter().map(|f| f as &dyn AsRef<std::ffi::OsStr>));
         argv.extend([&uri as &dyn AsRef<std::ffi::OsStr>, &out]);
-        contender(&label, &argv)
+        contender(&label.collect::<Vec<_>>().join(" "), &argv)
     };
     let sparsekit = contender("sparsekit copy", &[&copy, &"--no-progress", &uri, &out]);
     let nbdcopy16 = contender(
         "nbdcopy --requests=16",
         &[&"nbdcopy", &"--requests=16", &uri, &out],
     );
+    let qemu16 = qemu(&["-m", "16", "-W"]);
     let stats = race_with(
         &[
             sparsekit.clone(),
             contender("nbdcopy", &[&"nbdcopy", &uri, &out]),
             nbdcopy16.clone(),
-            qemu(None),
-            qemu(Some("8")),
-            qemu(Some("16")),
+            qemu(&[]),
+            qemu(&["-m", "8", "-W"]),
+            qemu16.clone(),
             durable(&sparsekit, &out),
             durable(&nbdcopy16, &out),
-            durable(&qemu(Some("16")), &out),
+            durable(&qemu16, &out),
         ],
         runs,
         &mut hooks,
@@ -488,20 +482,10 @@ pub(super) fn check(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::Sample;
 
     fn stats(rows: &[(&str, [f64; 2])]) -> Vec<Stats> {
         rows.iter()
-            .map(|(label, secs)| {
-                let samples: Vec<Sample> = secs
-                    .iter()
-                    .map(|&secs| Sample {
-                        secs,
-                        max_rss_kib: 0,
-                    })
-                    .collect();
-                Stats::new(&contender(label, &[&"x"]), &samples)
-            })
+            .map(|(label, secs)| crate::bench::timed(label, secs))
             .collect()
     }
 

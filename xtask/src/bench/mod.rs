@@ -192,6 +192,20 @@ impl Stats {
     }
 }
 
+/// The stats of a contender `label` that took `secs[r]` in round r, for
+/// the tests of the verdicts.
+#[cfg(test)]
+fn timed(label: &str, secs: &[f64]) -> Stats {
+    let samples: Vec<Sample> = secs
+        .iter()
+        .map(|&secs| Sample {
+            secs,
+            max_rss_kib: 0,
+        })
+        .collect();
+    Stats::new(&contender(label, &[&"x"]), &samples)
+}
+
 /// The median of sorted values: the middle one, or the mean of the two
 /// middle ones (NaN if there are none).
 fn median(sorted: &[f64]) -> f64 {
@@ -263,6 +277,9 @@ fn contender(label: &str, argv: &[&dyn AsRef<std::ffi::OsStr>]) -> Contender {
     }
 }
 
+/// The ending of the labels of the rows made by [`durable`].
+const SYNCED: &str = ", then sync DEST";
+
 /// `c`, then `sync DEST` (coreutils' `sync` of a file: an fsync of it): the
 /// time until the copy is on stable storage, for a command that leaves its
 /// writes in the page cache.
@@ -279,7 +296,7 @@ fn durable(c: &Contender, dest: &Path) -> Contender {
     argv.push(dest.into());
     argv.extend(c.argv.iter().cloned());
     Contender {
-        label: format!("{}, then sync DEST", c.label),
+        label: format!("{}{SYNCED}", c.label),
         argv,
     }
 }
@@ -566,10 +583,7 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
         let mut md = format!("{RATIOS}\n\n");
         match only {
             Only::Map => map(&mut md, &bin, runs)?,
-            Only::Copy => {
-                crate::fixtures(true)?;
-                copy::run(&mut md, &bin, runs)?
-            }
+            Only::Copy => copy::run(&mut md, &bin, runs)?,
             Only::Restore => restore::run(&mut md, &bin, runs)?,
             Only::Flash => flash::run(&mut md, &bin, runs)?,
             Only::Check => images::check(&mut md, &bin, runs)?,
