@@ -297,7 +297,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             runs,
             &mut Hooks {
                 stderr_log: Some(&log),
-                ..super::fresh_dest(&dest, None, &warm_what)
+                ..super::fresh_dest(&dest, &src, false, &warm_what)
             },
         )?;
         let cold_what = format!("{} cold", w.id);
@@ -306,7 +306,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             runs,
             &mut Hooks {
                 stderr_log: Some(&log),
-                ..super::fresh_dest(&dest, Some(&src), &cold_what)
+                ..super::fresh_dest(&dest, &src, true, &cold_what)
             },
         )?;
         std::fs::remove_file(&bmap)?;

@@ -221,7 +221,7 @@ fn copies(
         runs,
         &mut Hooks {
             stderr_log: Some(log),
-            ..super::fresh_dest(dest, None, what)
+            ..super::fresh_dest(dest, image, false, what)
         },
     )
 }

@@ -224,11 +224,15 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
                 c.label
             );
         }
-        let warm = race_with(&contenders, runs, &mut fresh_dest(&out, None, "W3 warm"))?;
+        let warm = race_with(
+            &contenders,
+            runs,
+            &mut fresh_dest(&out, &img, false, "W3 warm"),
+        )?;
         let cold = race_with(
             &contenders,
             runs,
-            &mut fresh_dest(&out, Some(&img), "W3 cold"),
+            &mut fresh_dest(&out, &img, true, "W3 cold"),
         )?;
         let _ = std::fs::remove_file(&out);
         let _ = writeln!(
@@ -305,7 +309,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
             c[0]
         );
     }
-    let mut hooks = fresh_dest(&out, None, "NBD copy");
+    let mut hooks = fresh_dest(&out, &img, false, "NBD copy");
     let qemu = |flags: &[&str]| {
         let label = ["qemu-img convert"].iter().chain(flags).copied();
         let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> =
@@ -401,7 +405,7 @@ pub(super) fn run(md: &mut String, bin: &Path, runs: usize) -> anyhow::Result<()
         same_bytes(&out, &reference)?,
         "the stream decoded to other bytes than qemu-img convert"
     );
-    let mut hooks = fresh_dest(&out, None, "stream");
+    let mut hooks = fresh_dest(&out, &stream, false, "stream");
     let stats = race_with(
         &[
             contender("sparsekit: cat stream | copy - OUT", &[&"sh", &"-c", &pipe]),

@@ -14,6 +14,7 @@
 mod copy;
 mod flash;
 mod images;
+mod pages;
 mod restore;
 
 use std::ffi::OsString;
@@ -303,15 +304,18 @@ fn durable(c: &Contender, dest: &Path) -> Contender {
 
 /// Hooks that delete `dest` (and sync its folder) before and after each
 /// run, so every contender writes a new file and no run pays for another's
-/// blocks; with `cold`, that file's pages are also dropped before each run.
-fn fresh_dest<'a>(dest: &'a Path, cold: Option<&'a Path>, what: &'a str) -> Hooks<'a> {
+/// blocks; before each run, `source`'s data is also read into the page
+/// cache (warm) or its pages dropped (cold), whatever the run before did.
+fn fresh_dest<'a>(dest: &'a Path, source: &'a Path, cold: bool, what: &'a str) -> Hooks<'a> {
     Hooks {
         before: Some(Box::new(move || {
             remove_and_sync(dest)?;
-            if let Some(src) = cold {
-                testkit::drop_cache(src);
+            if cold {
+                testkit::drop_cache(source);
+                Ok(())
+            } else {
+                pages::cache_data(source)
             }
-            Ok(())
         })),
         after: Some(Box::new(move || remove_and_sync(dest))),
         progress: Some(what),
@@ -579,8 +583,9 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
     if let Some(only) = only {
         START.get_or_init(Instant::now);
         let load_start = load_average();
+        let held = pages::hold();
         let bin = release_build()?;
-        let mut md = format!("{RATIOS}\n\n");
+        let mut md = format!("{RATIOS}\n\n{}\n\n", memory_state(&held)?);
         match only {
             Only::Map => map(&mut md, &bin, runs)?,
             Only::Copy => copy::run(&mut md, &bin, runs)?,
@@ -608,9 +613,11 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
     }
     START.get_or_init(Instant::now);
     let load_start = load_average();
-    let emptied = empty_page_cache();
+    let held = pages::hold();
     let bin = release_build()?;
     crate::fixtures(true)?;
+    let emptied = empty_page_cache();
+    let state = memory_state(&held)?;
     let mut md = String::new();
     let fs = output(
         Command::new("findmnt")
@@ -629,7 +636,7 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
          times are reported, with standard output sent to /dev/null and peak RSS from wait4 \
          (xtask's own footprint at spawn is its floor: see the `true` rows).\n\n\
          {RATIOS}\n\n\
-         {}\n\n\
+         {} {state}\n\n\
          Machine: {} cores, {:.0} GiB of memory, Linux {}, fixtures on {}; {}, {}.\n\n",
         if emptied {
             "Each workload starts on an emptied page cache (sync, then `drop_caches`), so that \
@@ -668,6 +675,27 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
     print!("{md}");
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+/// Backs the guest's free memory when free page reporting is held, and
+/// says in a line how memory stands for the runs.
+fn memory_state(held: &pages::Reporting) -> anyhow::Result<String> {
+    let mut line = held.describe();
+    if held.is_held() {
+        note("touching the free memory once");
+        let (bytes, secs) = pages::prefault()?;
+        let _ = write!(
+            line,
+            " (Touched: {:.1} GiB in {secs:.1} s.)",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    line.push_str(
+        " Before each warm run the source's data is read into the page cache, and before \
+         each cold run its pages are dropped, so that no run inherits what the one before \
+         it evicted or left.",
+    );
+    Ok(line)
 }
 
 /// The line after which BENCHMARKS.md is written by hand (notes, the
