@@ -604,9 +604,10 @@ pub fn run(runs: usize, images_only: bool, only: Option<Only>) -> anyhow::Result
         return Ok(());
     }
     if images_only {
+        let held = pages::hold();
         let bin = release_build()?;
         crate::fixtures(true)?;
-        let mut md = format!("{RATIOS}\n\n");
+        let mut md = format!("{RATIOS}\n\n{}\n\n", memory_state(&held)?);
         images::run(&mut md, &bin, runs)?;
         print!("{md}");
         return Ok(());
