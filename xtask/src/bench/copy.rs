@@ -629,7 +629,7 @@ fn data_ranges(path: &Path) -> anyhow::Result<(u64, u64)> {
 }
 
 /// lseek with SEEK_DATA or SEEK_HOLE; None past the end (ENXIO).
-fn seek(f: &File, pos: u64, whence: Whence, size: u64) -> anyhow::Result<Option<u64>> {
+pub(super) fn seek(f: &File, pos: u64, whence: Whence, size: u64) -> anyhow::Result<Option<u64>> {
     if pos >= size {
         return Ok(None);
     }

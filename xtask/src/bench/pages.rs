@@ -5,10 +5,10 @@
 //! page reporting), a page freed by one run goes back to the host within a
 //! fraction of a second, and the next run to take it pays a host fault on
 //! first touch. Whether a run gets such pages then depends on what the run
-//! before it freed, and when: the same copy flipped from 0.68 to 1.14 of
-//! its peer's time between two benches. [`hold`] stops the reporting for
-//! the bench's lifetime and [`prefault`] backs the guest's free memory once,
-//! so that every run takes pages the way it would on bare metal.
+//! before it freed, and when (BENCHMARKS.md, issue 22). [`hold`] stops the
+//! reporting for the bench's lifetime and [`prefault`] backs the guest's
+//! free memory once, so that every run takes pages the way it would on
+//! bare metal.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -176,20 +176,15 @@ fn mem_free() -> anyhow::Result<u64> {
 /// whatever evicted it since: the run before, or a reclaimer of pages idle
 /// for a minute (DAMON's pageout scheme on this VM).
 pub(super) fn cache_data(path: &Path) -> anyhow::Result<()> {
-    use nix::unistd::{Whence, lseek};
+    use super::copy::seek;
+    use nix::unistd::Whence;
     use std::os::unix::fs::FileExt as _;
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = f.metadata()?.len();
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < size {
-        let start = match lseek(&f, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e).with_context(|| format!("SEEK_DATA in {}", path.display())),
-        };
-        let end = lseek(&f, start as i64, Whence::SeekHole)
-            .with_context(|| format!("SEEK_HOLE in {}", path.display()))? as u64;
+    let mut pos = 0;
+    while let Some(start) = seek(&f, pos, Whence::SeekData, size)? {
+        let end = seek(&f, start, Whence::SeekHole, size)?.unwrap_or(size);
         let mut at = start;
         while at < end {
             let want = buf.len().min((end - at) as usize);
