@@ -33,7 +33,11 @@ pub(crate) fn copy(
     };
     progress.start(range.end - range.start);
     let chunk = settings.chunk_size as u64;
-    let planner = Planner::new(source, range.clone(), settings.dest_offset, chunk, dirty);
+    // The first item is read as if cold: a large item of cached data
+    // costs little, a small one from the disk a request.
+    let cold = AtomicBool::new(true);
+    let planner = Planner::new(source, range.clone(), settings.dest_offset, chunk, dirty)
+        .cold_items(&cold, settings.cold_chunk_size as u64);
     let raw = source.raw_file();
     // Zero detection pays only where leaving a write out leaves zeros behind.
     let sparse = sink.sparse_block(settings.sparse_block);
@@ -62,6 +66,8 @@ pub(crate) fn copy(
             && let (Some(f), Some(dst)) = (raw, regular)
         {
             if dst.copy_file_range(f, source.name(), item.src, item.len, item.dst)? {
+                // The kernel reads as it sees fit: items stay small.
+                cold.store(false, Relaxed);
                 counts.written.fetch_add(item.len, Relaxed);
                 return Ok(());
             }
@@ -76,6 +82,7 @@ pub(crate) fn copy(
         // out, the rest of the item is read in one request, which a disk
         // serves faster than several small ones.
         let mut done = source.read_uncached(buf, item.src);
+        cold.store(done > 0, Relaxed);
         if done > 0 {
             write(&buf[..done], 0)?;
         }
@@ -94,19 +101,29 @@ pub(crate) fn copy(
                 done = end;
             }
         }
-        if done < buf.len() {
-            let rest = &mut buf[done..];
+        // From a raw file the rest goes to the disk in one request (its
+        // readahead is the kernel's); an image's reads, which decompress
+        // and fall through to backing files, go piece by piece as well.
+        let step = if raw.is_none() && pieces && source.reads_through_page_cache() {
+            READ_PIECE
+        } else {
+            buf.len()
+        };
+        while done < buf.len() {
+            let end = (done + step).min(buf.len());
+            let rest = &mut buf[done..end];
             source
                 .read_at(rest, item.src + done as u64)
                 .map_err(Error::Source)?;
             write(rest, done)?;
+            done = end;
         }
         Ok(())
     };
     let workers = Workers {
         jobs: settings.jobs,
         max_reads: source.max_reads(),
-        buffer: settings.chunk_size,
+        buffer: settings.chunk_size.max(settings.cold_chunk_size),
     };
     run_parallel(planner, workers, stop, progress, &counts.written, &work)?;
     sink.finish(settings.flush)
@@ -119,4 +136,104 @@ pub(crate) fn copy(
         unallocated: unallocated.load(Relaxed),
         zeroed: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::Mutex;
+
+    use sparsekit_extent::{Extent, Kind};
+
+    use super::*;
+    use crate::dest::LocalDest;
+    use crate::evict::Evict;
+    use crate::sink::{DestMode, FileSink};
+    use crate::source::{ExtentStream, SourceError};
+
+    /// One data extent whose reads are recorded: uncached (straight from
+    /// "the disk") when `cold`, else through the page cache.
+    struct Disk {
+        data: Vec<u8>,
+        cold: bool,
+        /// The length of every item, as offered to `read_uncached`.
+        items: Mutex<Vec<usize>>,
+        cached: Mutex<Vec<usize>>,
+    }
+
+    impl Source for Disk {
+        fn name(&self) -> &str {
+            "disk"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn extents(&self, range: Range<u64>) -> crate::source::ExtentStream<'_> {
+            let e = Extent::new(range.start, range.end - range.start, Kind::Data);
+            Box::new(std::iter::once(Ok(e))) as ExtentStream<'_>
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
+            self.cached.lock().unwrap().push(buf.len());
+            buf.copy_from_slice(&self.data[offset as usize..][..buf.len()]);
+            Ok(())
+        }
+        fn reads_through_page_cache(&self) -> bool {
+            true
+        }
+        fn read_uncached(&self, buf: &mut [u8], offset: u64) -> usize {
+            self.items.lock().unwrap().push(buf.len());
+            if !self.cold {
+                return 0;
+            }
+            buf.copy_from_slice(&self.data[offset as usize..][..buf.len()]);
+            buf.len()
+        }
+    }
+
+    fn copy_disk(cold: bool) -> Disk {
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        let disk = Disk {
+            data,
+            cold,
+            items: Mutex::default(),
+            cached: Mutex::default(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let dest = LocalDest {
+            path: path.clone(),
+            existing: None,
+        };
+        let file = FileSink::open(dest, disk.size(), DestMode::Replace, false, Evict::Never);
+        let sink = Sink::File(file.unwrap());
+        let settings = Settings {
+            // One worker: the items come in order.
+            jobs: 1,
+            chunk_size: 256 << 10,
+            cold_chunk_size: 4 << 20,
+            sparse_block: 4096,
+            method: Method::ReadWrite,
+            range: 0..disk.size(),
+            dest_offset: 0,
+            flush: false,
+            bitmap: None,
+        };
+        let stop = AtomicBool::new(false);
+        copy(&disk, &sink, &settings, &crate::NoProgress, &stop).unwrap();
+        assert!(std::fs::read(&path).unwrap() == disk.data, "copy differs");
+        disk
+    }
+
+    #[test]
+    fn uncached_data_goes_in_large_items_and_cached_data_in_small_ones() {
+        let cold = copy_disk(true);
+        assert_eq!(*cold.items.lock().unwrap(), [4 << 20; 4]);
+        assert!(cold.cached.lock().unwrap().is_empty());
+        // Warm: only the first item is large, and it is read in pieces.
+        let warm = copy_disk(false);
+        let items = warm.items.lock().unwrap();
+        assert_eq!(items[0], 4 << 20);
+        assert_eq!(items[1..], [256 << 10; 48]);
+        assert_eq!(*warm.cached.lock().unwrap(), [256 << 10; 64]);
+    }
 }

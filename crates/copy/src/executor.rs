@@ -74,6 +74,9 @@ pub(crate) struct Planner<'a> {
     /// Destination offset minus source offset.
     shift: i128,
     chunk: u64,
+    /// Item size while the workers find the data uncached, and where they
+    /// say so ([`Planner::cold_items`]).
+    cold: Option<(&'a AtomicBool, u64)>,
     current: Option<Extent>,
     /// Everything before this source offset has been handed out.
     handed_out: u64,
@@ -105,10 +108,19 @@ impl<'a> Planner<'a> {
             extents,
             shift: dest_offset as i128 - range.start as i128,
             chunk,
+            cold: None,
             current: None,
             handed_out: range.start,
             done: false,
         }
+    }
+
+    /// Hands out data items of `size` bytes instead while `cold` is set:
+    /// the workers set it when the page cache held none of their last
+    /// item, and clear it when it held some.
+    pub(crate) fn cold_items(mut self, cold: &'a AtomicBool, size: u64) -> Self {
+        self.cold = Some((cold, size));
+        self
     }
 
     /// The source offset before which every item has been handed out.
@@ -136,7 +148,10 @@ impl<'a> Planner<'a> {
         }
         let e = self.current.take()?;
         let step = if e.kind == Kind::Data {
-            self.chunk
+            match self.cold {
+                Some((cold, size)) if cold.load(Relaxed) => size,
+                _ => self.chunk,
+            }
         } else {
             ZERO_CHUNK
         };
@@ -327,6 +342,33 @@ pub(crate) mod tests {
                 (350, 1300, 50, Kind::Zero),
             ]
         );
+    }
+
+    #[test]
+    fn planner_hands_out_cold_items_while_the_workers_say_so() {
+        let src = MapSource(
+            vec![
+                Extent::new(0, 1000, Kind::Data),
+                Extent::new(1000, 24, Kind::Hole),
+            ],
+            1024,
+        );
+        let cold = AtomicBool::new(true);
+        let mut p = Planner::new(&src, 0..1024, 0, 100, None).cold_items(&cold, 400);
+        let mut next = || p.next().unwrap().unwrap();
+        let i = next();
+        assert_eq!((i.src, i.len), (0, 400));
+        cold.store(false, Relaxed);
+        // Cut at the small size's boundaries from where the planner is.
+        let got: Vec<(u64, u64)> = (0..3).map(|_| next()).map(|i| (i.src, i.len)).collect();
+        assert_eq!(got, [(400, 100), (500, 100), (600, 100)]);
+        cold.store(true, Relaxed);
+        let i = next();
+        assert_eq!((i.src, i.len, i.kind), (700, 100, Kind::Data));
+        let i = next();
+        assert_eq!((i.src, i.len, i.kind), (800, 200, Kind::Data));
+        assert_eq!(next().kind, Kind::Hole);
+        assert!(p.next().is_none());
     }
 
     #[test]

@@ -19,8 +19,8 @@
 //!   removed unless kept on purpose.
 //! - Execution: the source's map, checked whole, is split into work items
 //!   pulled by worker threads from one streaming planner, each with one
-//!   buffer, so memory is about `(jobs + 1) × chunk_size` whatever the
-//!   image size. Data is copied with pread/pwrite through page-aligned
+//!   buffer, so memory is about `(jobs + 1) ×` the larger chunk size
+//!   whatever the image size. Data is copied with pread/pwrite through page-aligned
 //!   buffers, all-zero blocks left as holes, or with `copy_file_range`.
 //! - [`Progress`] is how the engine reports; a stop flag
 //!   ([`stop_on_signals`]) stops it cleanly.
@@ -78,8 +78,8 @@ pub use evict::{
 };
 pub use nbd::{NbdSource, StatusStream};
 pub use plan::{
-    CopyStats, DEFAULT_CHUNK, ExportStats, Method, NBD_CHUNK, Output, Plan, RAW_CHUNK, Report,
-    Request, Settings, default_jobs,
+    COLD_CHUNK, CopyStats, DEFAULT_CHUNK, ExportStats, Method, NBD_CHUNK, Output, Plan, RAW_CHUNK,
+    Report, Request, Settings, default_jobs,
 };
 pub use progress::{NoProgress, Progress};
 pub use qcow2::Qcow2Source;

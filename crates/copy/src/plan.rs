@@ -25,12 +25,17 @@ use crate::source::{RawSource, Source};
 /// that a worker's buffer stays in its core's cache between the read that
 /// fills it and the write that empties it.
 pub const DEFAULT_CHUNK: usize = 256 << 10;
-/// Bytes per data work item from a raw file or device: read in
-/// [`READ_PIECE`]s while the page cache holds them, whole where it does
-/// not (a disk serves one large request faster than several small ones),
-/// and with O_DIRECT where it holds none of the item.
+/// Bytes per data work item from a raw file or device while the page
+/// cache holds its data: read in [`READ_PIECE`]s while the cache holds
+/// them, the rest of the item in one request where it runs out.
 pub const RAW_CHUNK: usize = 1 << 20;
-/// Reads of cached data from a raw source go in pieces of this size, so
+/// Bytes per data work item from a local file, device or qcow2 image
+/// while the page cache holds none of the data: each read with O_DIRECT
+/// into a buffer of huge pages, which lets it reach the disk as one
+/// request of up to this size. A disk serves one large request faster
+/// than several small ones; cached data is copied faster in small items.
+pub const COLD_CHUNK: usize = 4 << 20;
+/// Reads of cached data from a local source go in pieces of this size, so
 /// that each piece is still in the core's cache when it is written.
 pub const READ_PIECE: usize = 256 << 10;
 /// Bytes per data work item from an NBD source: four of the client's
@@ -164,8 +169,12 @@ impl Request {
 pub struct Settings {
     /// Worker threads (at least 1).
     pub jobs: usize,
-    /// Bytes per data work item and per worker buffer.
+    /// Bytes per data work item while the page cache holds the source's
+    /// data.
     pub chunk_size: usize,
+    /// Bytes per data work item while it does not, read with O_DIRECT
+    /// (at least `chunk_size`; each worker's buffer is this large).
+    pub cold_chunk_size: usize,
     /// Leave holes (or skip writes) for blocks of this many bytes of data,
     /// aligned in the destination, that are all zeros, as `qemu-img
     /// convert -S`; 0: every byte of data is written.
@@ -368,14 +377,16 @@ impl Plan {
         let jobs = req
             .jobs
             .unwrap_or_else(|| if nbd { NBD_CONNECTIONS } else { default_jobs() });
-        let raw = source
-            .random_access()
-            .is_some_and(|s| s.raw_file().is_some());
+        let copy = kind == Kind::Copy;
         let chunk_size = match req.chunk_size {
             Some(c) => c as usize,
             None if nbd => NBD_CHUNK,
-            None if raw && kind == Kind::Copy => RAW_CHUNK,
+            None if copy && matches!(source, Opened::Raw(_)) => RAW_CHUNK,
             None => DEFAULT_CHUNK,
+        };
+        let cold_chunk_size = match req.chunk_size {
+            None if copy && matches!(source, Opened::Raw(_) | Opened::Qcow2(_)) => COLD_CHUNK,
+            _ => chunk_size,
         };
         let evict = match req.evict {
             _ if dest.nbd().is_some() => Evict::Never,
@@ -402,6 +413,7 @@ impl Plan {
             settings: Settings {
                 jobs: jobs.max(1),
                 chunk_size,
+                cold_chunk_size,
                 sparse_block: match req.sparse_block {
                     _ if req.no_sparse => 0,
                     Some(b) => b,
@@ -970,6 +982,7 @@ mod tests {
         assert_eq!(p.kind(), Kind::Copy);
         let s = p.settings();
         assert_eq!((s.chunk_size, s.jobs), (RAW_CHUNK, default_jobs()));
+        assert_eq!(s.cold_chunk_size, COLD_CHUNK);
         assert_eq!((s.range.clone(), s.dest_offset), (0..8 << 20, 0));
         assert_eq!(s.sparse_block, SPARSE_BLOCK);
         assert_eq!(p.mode(), DestMode::Replace);
@@ -995,6 +1008,7 @@ mod tests {
         let p = plan(&src, &dir.path().join("d"), &req).unwrap();
         let s = p.settings();
         assert_eq!((s.jobs, s.chunk_size, s.sparse_block), (3, 64 << 10, 0));
+        assert_eq!(s.cold_chunk_size, 64 << 10, "one chunk size, cold or not");
         assert_eq!(
             (s.range.clone(), s.dest_offset),
             ((1 << 20)..(5 << 20), 512)
@@ -1032,7 +1046,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_export_reads_in_default_chunks() {
+    fn a_stream_export_reads_in_default_chunks_and_an_image_copy_in_cold_ones() {
         let (dir, src) = raw_source();
         let req = Request {
             output: Output::Qcow2 { cluster_bits: 16 },
@@ -1041,6 +1055,23 @@ mod tests {
         let p = plan(&src, &dir.path().join("d.qcow2"), &req).unwrap();
         assert_eq!(p.kind(), Kind::Export { cluster_bits: 16 });
         assert_eq!(p.settings().chunk_size, DEFAULT_CHUNK);
+        assert_eq!(p.settings().cold_chunk_size, DEFAULT_CHUNK);
+        // The image exported, copied: small items while cached, large ones
+        // from the disk.
+        p.execute(&crate::NoProgress, &AtomicBool::new(false))
+            .unwrap();
+        let p = plan(
+            &dir.path().join("d.qcow2"),
+            &dir.path().join("e"),
+            &Request::default(),
+        );
+        let p = p.unwrap();
+        assert_eq!(p.kind(), Kind::Copy);
+        let s = p.settings();
+        assert_eq!(
+            (s.chunk_size, s.cold_chunk_size),
+            (DEFAULT_CHUNK, COLD_CHUNK)
+        );
     }
 
     #[test]

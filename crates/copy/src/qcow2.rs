@@ -67,6 +67,10 @@ impl Source for Qcow2Source {
         self.image.read_at(buf, offset).map_err(SourceError::from)
     }
 
+    fn reads_through_page_cache(&self) -> bool {
+        true
+    }
+
     /// Reads the top image's own uncompressed data clusters at the start
     /// of `buf` straight from its data file, one host-contiguous run at a
     /// time, up to the first thing that is not (holes, zeros, compressed

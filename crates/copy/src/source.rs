@@ -64,6 +64,14 @@ pub trait Source: Send + Sync {
         0
     }
 
+    /// Whether reads come through this machine's page cache (a file, a
+    /// device, an image on them), so that cached data is best read in
+    /// pieces, each written while still in the core's cache; a remote
+    /// source (NBD) reads an item whole, its requests in flight together.
+    fn reads_through_page_cache(&self) -> bool {
+        false
+    }
+
     /// How many data reads the source serves best at once, when it has a
     /// limit (`None`: as many as there are workers): an NBD source, one
     /// per connection.
@@ -194,6 +202,10 @@ impl Source for RawSource {
 
     fn raw_file(&self) -> Option<&File> {
         Some(self.mapper.file())
+    }
+
+    fn reads_through_page_cache(&self) -> bool {
+        true
     }
 
     /// All of `buf` or nothing: one request, when the cache holds none of

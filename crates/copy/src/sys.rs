@@ -9,22 +9,50 @@ use nix::errno::Errno;
 /// the kernel copies page-aligned buffers fastest, O_DIRECT needs them,
 /// and pages are only backed once touched, so a worker whose items are
 /// small keeps its resident memory small whatever the chunk size.
-pub(crate) struct AlignedBuf(memmap2::MmapMut);
+///
+/// A buffer of [`HUGE_PAGE`] or more starts on a huge-page boundary and
+/// asks for transparent huge pages: an O_DIRECT read into physically
+/// contiguous memory reaches the disk as one request up to the queue's
+/// largest, where 4 KiB pages cap it at the queue's segment count.
+pub(crate) struct AlignedBuf {
+    map: memmap2::MmapMut,
+    start: usize,
+    len: usize,
+}
+
+/// Size and alignment of a transparent huge page on x86-64 and arm64
+/// with 4 KiB pages; elsewhere the advice is only a hint that may fail.
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 impl AlignedBuf {
     /// A buffer of `len` bytes (`len > 0`).
     pub(crate) fn new(len: usize) -> Self {
         assert!(len > 0);
+        let huge = len >= HUGE_PAGE;
+        let slack = if huge { HUGE_PAGE } else { 0 };
         // Out of memory: abort as a failed Vec allocation does.
-        Self(memmap2::MmapMut::map_anon(len).unwrap_or_else(|_| {
-            std::alloc::handle_alloc_error(
-                std::alloc::Layout::from_size_align(len, 4096).expect("a valid layout"),
-            )
-        }))
+        let map = len
+            .checked_add(slack)
+            .and_then(|n| memmap2::MmapMut::map_anon(n).ok())
+            .unwrap_or_else(|| {
+                std::alloc::handle_alloc_error(
+                    std::alloc::Layout::from_size_align(len, 4096).expect("a valid layout"),
+                )
+            });
+        let start = if huge {
+            map.as_ptr().align_offset(HUGE_PAGE)
+        } else {
+            0
+        };
+        if huge {
+            // Only a hint: without huge pages the buffer works as before.
+            let _ = map.advise_range(memmap2::Advice::HugePage, start, len);
+        }
+        Self { map, start, len }
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.0
+        &mut self.map[self.start..self.start + self.len]
     }
 }
 
@@ -106,4 +134,27 @@ pub(crate) fn stop_on_signals() -> std::io::Result<&'static std::sync::atomic::A
         unsafe { sigaction(sig, &action) }?;
     }
     Ok(&STOP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_start_on_a_huge_page_and_small_ones_on_a_page() {
+        for (len, align) in [
+            (4096, 4096),
+            (HUGE_PAGE - 4096, 4096),
+            (HUGE_PAGE, HUGE_PAGE),
+        ] {
+            let mut b = AlignedBuf::new(len);
+            let s = b.as_mut_slice();
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % align, 0, "{len} bytes");
+            assert!(s.iter().all(|&x| x == 0));
+            s[len - 1] = 1;
+        }
+        let mut b = AlignedBuf::new(3 * HUGE_PAGE + 4096);
+        assert_eq!(b.as_mut_slice().as_ptr() as usize % HUGE_PAGE, 0);
+    }
 }

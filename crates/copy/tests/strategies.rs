@@ -47,6 +47,7 @@ fn whole(size: u64, jobs: usize) -> Settings {
     Settings {
         jobs,
         chunk_size: 1 << 16,
+        cold_chunk_size: 1 << 16,
         sparse_block: sparsekit_copy::SPARSE_BLOCK,
         method: Method::Auto,
         range: 0..size,

@@ -105,7 +105,8 @@ pub struct Args {
     #[command(flatten)]
     pub flash: FlashArgs,
     /// Bytes per work item and per worker buffer, 4k to 1G (default: 1M
-    /// from a raw file or device or from NBD, 256k otherwise).
+    /// from a raw file or device or from NBD, 256k otherwise, and 4M while
+    /// the page cache holds none of a local source's data).
     #[arg(long, value_parser = parse_size)]
     pub chunk_size: Option<u64>,
 }
