@@ -20,8 +20,9 @@
 //! - Execution: the source's map, checked whole, is split into work items
 //!   pulled by worker threads from one streaming planner, each with one
 //!   buffer, so memory is about `(jobs + 1) ×` the larger chunk size
-//!   whatever the image size. Data is copied with pread/pwrite through page-aligned
-//!   buffers, all-zero blocks left as holes, or with `copy_file_range`.
+//!   whatever the image size. Data is copied with pread/pwrite through
+//!   page-aligned buffers, all-zero blocks left as holes, or with
+//!   `copy_file_range`.
 //! - [`Progress`] is how the engine reports; a stop flag
 //!   ([`stop_on_signals`]) stops it cleanly.
 //!
