@@ -168,9 +168,9 @@ mod tests {
         fn size(&self) -> u64 {
             self.data.len() as u64
         }
-        fn extents(&self, range: Range<u64>) -> crate::source::ExtentStream<'_> {
+        fn extents(&self, range: Range<u64>) -> ExtentStream<'_> {
             let e = Extent::new(range.start, range.end - range.start, Kind::Data);
-            Box::new(std::iter::once(Ok(e))) as ExtentStream<'_>
+            Box::new(std::iter::once(Ok(e)))
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
             self.cached.lock().unwrap().push(buf.len());

@@ -39,12 +39,9 @@ impl AlignedBuf {
                     std::alloc::Layout::from_size_align(len, 4096).expect("a valid layout"),
                 )
             });
-        let start = if huge {
-            map.as_ptr().align_offset(HUGE_PAGE)
-        } else {
-            0
-        };
+        let mut start = 0;
         if huge {
+            start = map.as_ptr().align_offset(HUGE_PAGE);
             // Only a hint: without huge pages the buffer works as before.
             let _ = map.advise_range(memmap2::Advice::HugePage, start, len);
         }
